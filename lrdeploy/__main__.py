@@ -1,0 +1,3 @@
+from lrdeploy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Per-site spectra and the figures a user needs to pick ranks (``lrdeploy analyze``).
+
+For each site, under the method ``--method auto`` would give it: parameters, FLOPs at the
+analysed input shape, the effective rank, the ranks keeping 90/95/99% of the spectral energy, and
+the break-even ranks above which factorizing no longer reduces both parameters and FLOPs.
+Methods with two ranks (Tucker-2: output, input channels) report a pair for each figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from lrdeploy import runtime
+from lrdeploy.decompositions import effective_rank, energy_rank, singular_values
+from lrdeploy.methods import method_for, rule_for
+from lrdeploy.passes.base import Factorization
+from lrdeploy.ranks import scaled_ranks
+from lrdeploy.sites import Site, SkippedSite, find_sites
+
+ENERGY_LEVELS = (0.90, 0.95, 0.99)
+
+
+@dataclass
+class SiteSpectra:
+    """A site's factorization rule and the singular values of each of its unfoldings."""
+
+    site: Site
+    rule: Factorization
+    spectra: list[np.ndarray]
+
+    @property
+    def full_ranks(self) -> tuple[int, ...]:
+        return tuple(len(s) for s in self.spectra)
+
+    def effective_ranks(self) -> tuple[float, ...]:
+        return tuple(effective_rank(s) for s in self.spectra)
+
+    def energy_ranks(self, energy: float) -> tuple[int, ...]:
+        return tuple(energy_rank(s, energy) for s in self.spectra)
+
+    def is_profitable(self, ranks: Sequence[int]) -> bool:
+        """True when ``ranks`` reduce parameters, and FLOPs where they are known."""
+        cost = self.rule.cost(self.site, ranks)
+        flops_ok = cost.flops is None or self.site.flops is None or cost.flops < self.site.flops
+        return cost.params < self.site.params and flops_ok
+
+    def break_even_ranks(self) -> tuple[int, ...] | None:
+        """The largest uniformly scaled ranks that still pay off (None: not even rank 1 does)."""
+        full = self.full_ranks
+        steps = max(full)
+        best = None
+        for step in range(1, steps + 1):
+            ranks = scaled_ranks(full, step / steps)
+            if not self.is_profitable(ranks):
+                break
+            best = ranks
+        return best
+
+
+def site_spectra(site: Site, method: str, tucker_sweeps: int = 0) -> SiteSpectra | None:
+    rule = rule_for(method, site, tucker_sweeps)
+    if rule is None:
+        return None
+    return SiteSpectra(site, rule, [singular_values(m) for m in rule.unfoldings(site)])
+
+
+@dataclass
+class ModelAnalysis:
+    """A canonical model, its input specs, and its sites with shapes at those inputs."""
+
+    model: ir.Model
+    specs: list[runtime.InputSpec]
+    sites: list[Site]
+    skipped: list[SkippedSite]
+    _spectra: dict[tuple[str, str], SiteSpectra | None] = field(default_factory=dict)
+
+    def spectra(self, site: Site, method: str) -> SiteSpectra | None:
+        key = (site.name, method)
+        if key not in self._spectra:
+            self._spectra[key] = site_spectra(site, method)
+        return self._spectra[key]
+
+    @property
+    def total_params(self) -> int:
+        return sum(int(v.const_value.size) for v in self.model.graph.initializers.values()
+                   if v.const_value is not None)
+
+    def rows(self) -> list[dict]:
+        """One JSON-ready record per site (the ``analyze`` table)."""
+        out = []
+        for site in self.sites:
+            method = method_for("auto", site)
+            spectra = self.spectra(site, method)
+            out.append({
+                "site": site.name,
+                "op": site.op,
+                "weight_shape": list(site.weight.shape),
+                "method": method,
+                "params": site.params,
+                "flops": site.flops,
+                "full_ranks": list(spectra.full_ranks),
+                "effective_rank": [round(e, 2) for e in spectra.effective_ranks()],
+                **{f"energy_{round(level * 100)}": list(spectra.energy_ranks(level))
+                   for level in ENERGY_LEVELS},
+                "break_even_ranks": _list_or_none(spectra.break_even_ranks()),
+            })
+        return out
+
+
+def _list_or_none(ranks: tuple[int, ...] | None) -> list[int] | None:
+    return None if ranks is None else list(ranks)
+
+
+def analyze_model(
+    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0
+) -> ModelAnalysis:
+    """Find the sites of a canonical model and their concrete shapes at the given inputs."""
+    specs = runtime.input_specs(model, input_shapes)
+    provisional = find_sites(model)
+    wanted = set()
+    nodes = {node.name: node for node in model.graph}
+    for site in provisional.sites:
+        node = nodes[site.name]
+        wanted.update(v.name for v in (*node.inputs[:2], node.outputs[0]) if v is not None)
+    shapes = runtime.probe_shapes(model, runtime.random_inputs(model, specs, seed), wanted)
+    shapes.update({spec.name: spec.shape for spec in specs})
+    scan = find_sites(model, shapes)
+    return ModelAnalysis(model, specs, scan.sites, scan.skipped)

@@ -1,0 +1,136 @@
+"""Models in: ONNX files (with safe external data) and torch modules, canonicalised for the passes.
+
+Canonical form, which the site finder and the passes rely on:
+- every node has a unique name (site names in plans and reports are node names);
+- weights given as ``Constant`` nodes are initializers;
+- BatchNormalization that follows a Conv or Gemm is folded into it (see ``passes.fold_batchnorm``);
+- value shapes and types are inferred where ONNX can infer them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    LiftConstantsToInitializersPass,
+    NameFixPass,
+    ShapeInferencePass,
+)
+
+from lrdeploy.errors import LrdeployError
+from lrdeploy.passes import fold_batchnorm
+
+
+def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
+    """Load an ONNX file, refusing external-data locations outside the model's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise LrdeployError(f"{path}: no such file")
+    if not path.is_file():
+        raise LrdeployError(f"{path}: not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types for bad bytes
+        raise LrdeployError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not proto.graph.node or not proto.opset_import:
+        raise LrdeployError(f"{path}: not an ONNX model (no graph nodes or no opset)")
+    base_dir = path.resolve().parent
+    for tensor in _all_tensors(proto.graph):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            _check_external_location(path, base_dir, tensor)
+    try:
+        onnx.load_external_data_for_model(proto, str(base_dir))
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise LrdeployError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+    return ir.serde.deserialize_model(proto)
+
+
+def _check_external_location(path: Path, base_dir: Path, tensor: onnx.TensorProto) -> None:
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    target = (base_dir / location).resolve()
+    if os.path.isabs(location) or not target.is_relative_to(base_dir):
+        raise LrdeployError(
+            f"{path}: external data of tensor '{tensor.name}' points outside the model folder "
+            f"({location!r})"
+        )
+    if not target.is_file():
+        raise LrdeployError(
+            f"{path}: external data file {location!r} of tensor '{tensor.name}' is missing"
+        )
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    # onnx.external_data_helper only offers this walk as a private function.
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_torch_factory(spec: str) -> Any:
+    """Import ``file.py:factory`` and call the factory; it must return a ``torch.nn.Module``."""
+    import torch
+
+    file_part, _, factory_name = spec.rpartition(":")
+    path = Path(file_part)
+    if not file_part or not factory_name:
+        raise LrdeployError(f"{spec}: expected FILE.py:FACTORY")
+    if not path.is_file():
+        raise LrdeployError(f"{path}: no such file")
+    module_name = f"_lrdeploy_user_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise LrdeployError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise LrdeployError(f"{path}: has no callable '{factory_name}'")
+    net = factory()
+    if not isinstance(net, torch.nn.Module):
+        raise LrdeployError(f"{spec}: returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def export_torch(module: Any, example_inputs: Sequence[Any]) -> ir.Model:
+    """Trace a torch module to ONNX with torch's exporter (dynamo), in eval mode."""
+    import torch
+
+    module = module.eval()
+    with torch.no_grad():
+        program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, verbose=False)
+    if program is None:
+        raise LrdeployError("torch.onnx.export returned no program")
+    return program.model
+
+
+def canonicalize(model: ir.Model) -> ir.Model:
+    """Return the canonical form of ``model`` (see the module docstring); the input is unchanged."""
+    model = ir.from_proto(ir.to_proto(model))
+    # size_limit=0: a weight given as a Constant node is a weight whatever its size.
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
+    model = fold_batchnorm.fold_batchnorm(model)
+    NameFixPass()(model)
+    ShapeInferencePass(strict_mode=False)(model)
+    return model

@@ -1,0 +1,42 @@
+"""The factorization methods by name, and which one a site gets under ``--method``.
+
+Matrices and 1x1 convolutions always use SVD (Tucker-2 and spatial SVD reduce to it there);
+``--method`` chooses what k x k convolutions get.
+"""
+
+from __future__ import annotations
+
+from lrdeploy.errors import LrdeployError
+from lrdeploy.passes.base import Factorization
+from lrdeploy.passes.spatial_svd_conv import SpatialSVDConv
+from lrdeploy.passes.svd_conv1x1 import SVDConv1x1
+from lrdeploy.passes.svd_matmul import SVDMatMul
+from lrdeploy.passes.tucker2_conv import Tucker2Conv
+from lrdeploy.sites import Site
+
+METHOD_CHOICES = ("auto", "svd", "tucker2", "spatial")
+DENSE = "dense"
+
+
+def rules(tucker_sweeps: int = 0) -> list[Factorization]:
+    """One rule object per (method, site kind)."""
+    return [SVDMatMul(), SVDConv1x1(), Tucker2Conv(tucker_sweeps), SpatialSVDConv()]
+
+
+def rule_for(method: str, site: Site, tucker_sweeps: int = 0) -> Factorization | None:
+    """The rule that applies ``method`` to ``site``, or None if the method does not fit it."""
+    for rule in rules(tucker_sweeps):
+        if rule.method == method and rule.applies(site):
+            return rule
+    return None
+
+
+def method_for(choice: str, site: Site) -> str | None:
+    """The method ``--method choice`` gives ``site`` (None: the choice does not cover it)."""
+    if choice not in METHOD_CHOICES:
+        raise LrdeployError(f"--method {choice!r}: expected one of {', '.join(METHOD_CHOICES)}")
+    if not site.is_conv or site.kernel == (1, 1):
+        return "svd"
+    if choice == "svd":
+        return None
+    return "tucker2" if choice == "auto" else choice

@@ -1,0 +1,135 @@
+"""The plan: which site gets which method and ranks. Plain data, saved as JSON and re-applied.
+
+``make_plan`` derives a plan from a rank rule; ``apply_plan`` runs the passes it names. A plan
+saved with ``--save-plan`` can be edited by hand and given back with ``--plan``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from lrdeploy.analysis import ModelAnalysis
+from lrdeploy.errors import LrdeployError
+from lrdeploy.methods import DENSE, method_for, rule_for
+from lrdeploy.ranks import RankRule, resolve_ranks
+from lrdeploy.sites import Site
+
+PLAN_FORMAT = "lrdeploy-plan/1"
+
+
+@dataclass
+class PlanEntry:
+    site: str
+    method: str
+    ranks: list[int] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    entries: list[PlanEntry]
+    tucker_sweeps: int = 0
+
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, "tucker_sweeps": self.tucker_sweeps,
+                "entries": [asdict(e) for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "plan") -> Plan:
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise LrdeployError(f"{source}: not an lrdeploy plan (expected format {PLAN_FORMAT})")
+        try:
+            entries = [PlanEntry(e["site"], e["method"], [int(r) for r in e.get("ranks", [])],
+                                 e.get("note", "")) for e in data["entries"]]
+            return cls(entries, int(data.get("tucker_sweeps", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LrdeployError(f"{source}: malformed plan entry ({exc})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise LrdeployError(f"{path}: no such file")
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LrdeployError(f"{path}: not JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+    def factorized(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.method != DENSE]
+
+
+def selected(name: str, only: Sequence[str], skip: Sequence[str]) -> bool:
+    """Site name filter: shell-style patterns, ``--only`` first, then ``--skip``."""
+    if only and not any(fnmatch.fnmatchcase(name, p) for p in only):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in skip)
+
+
+def make_plan(
+    analysis: ModelAnalysis,
+    rule: RankRule,
+    method: str = "auto",
+    only: Sequence[str] = (),
+    skip: Sequence[str] = (),
+    guard: bool = True,
+    tucker_sweeps: int = 0,
+) -> Plan:
+    """Ranks for every site from ``rule``; with ``guard``, unprofitable sites stay dense."""
+    entries = []
+    for site in analysis.sites:
+        entries.append(_plan_site(analysis, site, rule, method, only, skip, guard))
+    return Plan(entries, tucker_sweeps)
+
+
+def _plan_site(analysis, site, rule, method, only, skip, guard) -> PlanEntry:
+    if not selected(site.name, only, skip):
+        return PlanEntry(site.name, DENSE, note="not selected by --only/--skip")
+    chosen = method_for(method, site)
+    if chosen is None:
+        return PlanEntry(site.name, DENSE,
+                         note=f"--method {method} does not apply to a k x k convolution")
+    spectra = analysis.spectra(site, chosen)
+    ranks = resolve_ranks(
+        rule,
+        spectra.spectra,
+        spectra.rule.unfoldings(site),
+        lambda r: spectra.rule.cost(site, r).params,
+        site.params,
+    )
+    if guard and not spectra.is_profitable(ranks):
+        return PlanEntry(site.name, DENSE, list(ranks),
+                         note=f"break-even: ranks {list(ranks)} would not reduce params and FLOPs")
+    return PlanEntry(site.name, chosen, list(ranks), note=str(rule))
+
+
+def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site]) -> ir.Model:
+    """Run the passes the plan names, one pass per method; ``model`` is not modified."""
+    by_name = {site.name: site for site in sites}
+    groups: dict[type, tuple] = {}
+    for entry in plan.factorized():
+        site = by_name.get(entry.site)
+        if site is None:
+            raise LrdeployError(f"plan names site '{entry.site}', which this model does not have "
+                                "as a factorizable site")
+        rule = rule_for(entry.method, site, plan.tucker_sweeps)
+        if rule is None:
+            raise LrdeployError(f"plan: method '{entry.method}' does not apply to site "
+                                f"'{entry.site}' ({site.op} {list(site.weight.shape)})")
+        full = rule.full_ranks(site)
+        if len(entry.ranks) != len(full) or not all(1 <= r <= f for r, f in
+                                                     zip(entry.ranks, full)):
+            raise LrdeployError(f"plan: ranks {entry.ranks} for site '{entry.site}' must be "
+                                f"{len(full)} number(s) between 1 and {list(full)}")
+        groups.setdefault(type(rule), (rule, {}))[1][entry.site] = entry.ranks
+    for rule, ranks_by_site in groups.values():
+        model = rule(model, ranks_by_site)
+    return model

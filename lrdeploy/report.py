@@ -1,0 +1,163 @@
+"""Reports: the JSON record of a compression and the terminal tables (rich).
+
+JSON fields are documented in the README ("Report fields"); keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import onnx_ir as ir
+from rich.console import Console
+from rich.table import Table
+
+from lrdeploy import __version__
+from lrdeploy.analysis import ModelAnalysis
+from lrdeploy.methods import DENSE, rule_for
+from lrdeploy.plan import Plan
+from lrdeploy.verify import OutputFidelity
+
+
+def _model_params(model: ir.Model) -> int:
+    return sum(int(v.const_value.size) for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def build_report(
+    *,
+    source: str,
+    output: str | os.PathLike[str] | None,
+    plan_source: str,
+    analysis: ModelAnalysis,
+    plan: Plan,
+    compressed: ir.Model,
+    fidelity: Sequence[OutputFidelity],
+    feed_source: str,
+    feeds: int,
+) -> dict:
+    entries = {e.site: e for e in plan.entries}
+    sites = []
+    for site in analysis.sites:
+        entry = entries.get(site.name)
+        method = entry.method if entry else DENSE
+        after_params, after_flops = site.params, site.flops
+        if method != DENSE:
+            cost = rule_for(method, site).cost(site, entry.ranks)
+            after_params, after_flops = cost.params, cost.flops
+        sites.append({
+            "site": site.name,
+            "op": site.op,
+            "weight_shape": list(site.weight.shape),
+            "method": method,
+            "ranks": list(entry.ranks) if entry and method != DENSE else [],
+            "params_before": site.params,
+            "params_after": after_params,
+            "flops_before": site.flops,
+            "flops_after": after_flops,
+            "note": entry.note if entry else "not in the plan",
+        })
+    flops_known = all(s["flops_before"] is not None for s in sites)
+    totals = {
+        "sites": len(sites),
+        "sites_factorized": sum(s["method"] != DENSE for s in sites),
+        "sites_skipped": len(analysis.skipped),
+        "site_params_before": sum(s["params_before"] for s in sites),
+        "site_params_after": sum(s["params_after"] for s in sites),
+        "site_flops_before": sum(s["flops_before"] for s in sites) if flops_known else None,
+        "site_flops_after": sum(s["flops_after"] for s in sites) if flops_known else None,
+        "model_params_before": _model_params(analysis.model),
+        "model_params_after": _model_params(compressed),
+    }
+    return {
+        "lrdeploy_version": __version__,
+        "source": source,
+        "output": None if output is None else str(output),
+        "plan_source": plan_source,
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape),
+                    "assumed_axes": list(s.assumed)} for s in analysis.specs],
+        "sites": sites,
+        "skipped": [{"site": s.name, "op": s.op, "reason": s.reason} for s in analysis.skipped],
+        "totals": totals,
+        "verification": {
+            "onnx_checker": "passed (full_check)",
+            "feeds": feeds,
+            "feed_source": feed_source,
+            "outputs": [f.to_dict() for f in fidelity],
+            "min_cosine": min((f.cosine for f in fidelity), default=1.0),
+        },
+    }
+
+
+def _num(value: int | None) -> str:
+    if value is None:
+        return "?"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _ranks(values: Sequence | None) -> str:
+    if values is None:
+        return "none"
+    return "/".join(str(v) for v in values)
+
+
+def print_skipped(console: Console, skipped: Sequence[dict]) -> None:
+    if not skipped:
+        return
+    table = Table(title=f"Skipped operators ({len(skipped)})", title_justify="left")
+    for column in ("site", "op", "reason"):
+        table.add_column(column)
+    for row in skipped:
+        table.add_row(row["site"], row["op"], row["reason"])
+    console.print(table)
+
+
+def print_analysis(console: Console, rows: Sequence[dict], skipped: Sequence[dict],
+                   inputs: Sequence[dict]) -> None:
+    shapes = ", ".join(f"{i['name']}={list(i['shape'])}" for i in inputs)
+    table = Table(title=f"Factorizable sites ({len(rows)}) at {shapes}", title_justify="left")
+    for column in ("site", "op", "weight", "method", "params", "FLOPs", "full", "erank",
+                   "E90", "E95", "E99", "break-even"):
+        table.add_column(column, justify="left" if column in ("site", "op", "method") else "right")
+    for row in rows:
+        table.add_row(
+            row["site"], row["op"], "x".join(map(str, row["weight_shape"])), row["method"],
+            _num(row["params"]), _num(row["flops"]), _ranks(row["full_ranks"]),
+            _ranks(row["effective_rank"]), _ranks(row["energy_90"]), _ranks(row["energy_95"]),
+            _ranks(row["energy_99"]), _ranks(row["break_even_ranks"]),
+        )
+    console.print(table)
+    print_skipped(console, skipped)
+
+
+def print_compression(console: Console, report: dict) -> None:
+    table = Table(title="Sites", title_justify="left")
+    for column in ("site", "method", "ranks", "params", "FLOPs", "note"):
+        table.add_column(column)
+    for row in report["sites"]:
+        table.add_row(
+            row["site"], row["method"], _ranks(row["ranks"]) if row["ranks"] else "",
+            f"{_num(row['params_before'])} -> {_num(row['params_after'])}",
+            f"{_num(row['flops_before'])} -> {_num(row['flops_after'])}",
+            row["note"] if row["method"] == DENSE else "",
+        )
+    console.print(table)
+    print_skipped(console, report["skipped"])
+    totals = report["totals"]
+    ratio = totals["model_params_after"] / max(totals["model_params_before"], 1)
+    console.print(
+        f"factorized {totals['sites_factorized']}/{totals['sites']} sites; model params "
+        f"{totals['model_params_before']:,} -> {totals['model_params_after']:,} ({ratio:.1%}); "
+        f"site FLOPs {_num(totals['site_flops_before'])} -> {_num(totals['site_flops_after'])}"
+    )
+    verification = report["verification"]
+    fidelity = Table(title=f"Verification on {verification['feed_source']}", title_justify="left")
+    for column in ("output", "max abs error", "relative L2", "cosine"):
+        fidelity.add_column(column)
+    for row in verification["outputs"]:
+        fidelity.add_row(row["name"], f"{row['max_abs_error']:.3e}",
+                         f"{row['relative_l2_error']:.3e}", f"{row['cosine']:.6f}")
+    console.print(fidelity)

@@ -1,0 +1,191 @@
+"""onnxruntime as the reference executor: input specs, sample and calibration inputs, probes.
+
+onnxruntime runs the original and the compressed model for verification, and once, with extra
+outputs, to learn the concrete shapes of the sites' activations at the analysed input shape.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from lrdeploy.errors import LrdeployError
+
+# Dynamic axes without a user-given size: batch (axis 0) is 1, any other axis this many, which
+# keeps a transformer's sequence or an image side short but not degenerate.
+DEFAULT_DYNAMIC_DIM = 32
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    assumed: tuple[int, ...] = ()  # axes whose size was not in the model nor given by the user
+
+
+def graph_inputs(model: ir.Model) -> list[ir.Value]:
+    """The real inputs (old models also list their initializers as inputs)."""
+    return [v for v in model.graph.inputs if v.const_value is None]
+
+
+def input_specs(
+    model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None
+) -> list[InputSpec]:
+    """Concrete input shapes: the model's static dims, then ``shapes``, then the defaults."""
+    shapes = dict(shapes or {})
+    inputs = graph_inputs(model)
+    for key in [k for k in shapes if k.startswith("#")]:  # a shape given without a name
+        position = int(key[1:])
+        if position >= len(inputs):
+            raise LrdeployError(f"--input-shape: the model has only {len(inputs)} input(s)")
+        shapes[inputs[position].name] = shapes.pop(key)
+    known = {v.name for v in inputs}
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        raise LrdeployError(
+            f"--input-shape names {', '.join(unknown)}, but the model's inputs are "
+            f"{', '.join(sorted(known))}"
+        )
+    specs = []
+    for value in inputs:
+        if value.dtype is None:
+            raise LrdeployError(f"model input '{value.name}' has no element type")
+        dims = list(value.shape.dims) if value.shape is not None else None
+        given = shapes.get(value.name)
+        if given is not None:
+            given = tuple(int(d) for d in given)
+            if dims is not None and (
+                len(dims) != len(given)
+                or any(isinstance(d, int) and d != g for d, g in zip(dims, given))
+            ):
+                raise LrdeployError(
+                    f"--input-shape {value.name}={','.join(map(str, given))} does not fit the "
+                    f"model's shape {_shape_text(dims)}"
+                )
+            specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), given))
+            continue
+        if dims is None:
+            raise LrdeployError(
+                f"model input '{value.name}' has no shape: give it with --input-shape"
+            )
+        concrete, assumed = [], []
+        for axis, dim in enumerate(dims):
+            if isinstance(dim, int):
+                concrete.append(dim)
+            else:
+                concrete.append(1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
+                assumed.append(axis)
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(concrete),
+                               tuple(assumed)))
+    return specs
+
+
+def _shape_text(dims: Iterable[object]) -> str:
+    return "[" + ",".join(str(d) if isinstance(d, int) else str(d or "?") for d in dims) + "]"
+
+
+def random_inputs(model: ir.Model, specs: Sequence[InputSpec], seed: int = 0) -> Feeds:
+    """Seeded inputs of the given specs: normal floats; integers valid as embedding indices."""
+    rng = np.random.default_rng(seed)
+    feeds: Feeds = {}
+    for spec in specs:
+        if spec.dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        elif spec.dtype.kind in "iu":
+            high = _index_bound(model, spec.name)
+            feeds[spec.name] = rng.integers(0, high, size=spec.shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, size=spec.shape).astype(bool)
+        else:
+            raise LrdeployError(f"model input '{spec.name}' of type {spec.dtype} cannot be sampled")
+    return feeds
+
+
+def _index_bound(model: ir.Model, input_name: str) -> int:
+    """Rows of the smallest constant table the input indexes with Gather (2 if none: masks)."""
+    value = next(v for v in model.graph.inputs if v.name == input_name)
+    bounds = []
+    for usage in value.uses():
+        node = usage.node
+        table = node.inputs[0]
+        if node.op_type == "Gather" and usage.idx == 1 and table.const_value is not None:
+            axis = node.attributes.get_int("axis", 0)
+            bounds.append(table.const_value.shape[axis])
+    return int(min(bounds)) if bounds else 2
+
+
+def load_calibration(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -> list[Feeds]:
+    """Feeds from an ``.npz`` keyed by input name.
+
+    An array with the input's rank is one feed; one with an extra leading axis is a stack of
+    samples, fed one at a time.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LrdeployError(f"{path}: no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        arrays = {key: archive[key] for key in archive.files}
+    except Exception as exc:
+        raise LrdeployError(f"{path}: not a readable .npz file ({exc})") from None
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise LrdeployError(f"{path}: no array for model input(s) {', '.join(missing)}")
+    counts = set()
+    for spec in specs:
+        extra = arrays[spec.name].ndim - len(spec.shape)
+        if extra not in (0, 1):
+            raise LrdeployError(
+                f"{path}: array '{spec.name}' has shape {arrays[spec.name].shape}, expected "
+                f"rank {len(spec.shape)} (one sample) or {len(spec.shape) + 1} (a stack)"
+            )
+        counts.add(arrays[spec.name].shape[0] if extra else None)
+    if len(counts) != 1:
+        raise LrdeployError(f"{path}: arrays mix single samples and stacks of different sizes")
+    (count,) = counts
+    cast = {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in specs}
+    if count is None:
+        return [cast]
+    return [{name: array[i] for name, array in cast.items()} for i in range(count)]
+
+
+def session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``model``, optionally exposing intermediate values."""
+    if extra_outputs:
+        model = model.clone()
+        values = {out.name: out for node in model.graph for out in node.outputs}
+        for name in extra_outputs:
+            if name in values and values[name].type is not None and not values[name].is_graph_output():
+                model.graph.outputs.append(values[name])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    proto = ir.serde.serialize_model(model)
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise LrdeployError(f"onnxruntime cannot load the model: {exc}") from None
+
+
+def run(sess: ort.InferenceSession, feeds: Feeds) -> dict[str, np.ndarray]:
+    """Run one feed; returns every output by name."""
+    names = [o.name for o in sess.get_outputs()]
+    try:
+        return dict(zip(names, sess.run(names, feeds)))
+    except Exception as exc:
+        raise LrdeployError(f"onnxruntime failed to run the model: {exc}") from None
+
+
+def probe_shapes(model: ir.Model, feeds: Feeds, value_names: Iterable[str]) -> dict[str, tuple]:
+    """Concrete shapes of the named intermediate values for one feed."""
+    outputs = run(session(model, list(value_names)), feeds)
+    return {name: tuple(array.shape) for name, array in outputs.items()}

@@ -1,0 +1,104 @@
+"""What every low-rank rewrite shares: the rule-object interface and the graph plumbing.
+
+A ``Factorization`` is a rule object. It says which sites it applies to, which matrices'
+spectra set its ranks (one matrix per rank), what a choice of ranks costs in parameters and
+FLOPs, and how to rewrite one node. Calling it, ``rule(model, {site_name: ranks})``, is the pure
+``Model -> Model`` pass: the input model is not modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from lrdeploy.sites import Site, classify
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Parameters and FLOPs of one site's operator chain (FLOPs None when shapes are unknown)."""
+
+    params: int
+    flops: int | None
+
+
+class Factorization:
+    """Base class of the low-rank rewrites; subclasses fill in the four methods below."""
+
+    method: str = ""
+
+    def applies(self, site: Site) -> bool:
+        raise NotImplementedError
+
+    def unfoldings(self, site: Site) -> list[np.ndarray]:
+        """The matrices whose singular values set each rank, in the order of ``ranks``."""
+        raise NotImplementedError
+
+    def cost(self, site: Site, ranks: Sequence[int]) -> Cost:
+        raise NotImplementedError
+
+    def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
+        """Replace ``node`` in ``graph`` by the factorized chain (in place, on a copy)."""
+        raise NotImplementedError
+
+    def full_ranks(self, site: Site) -> tuple[int, ...]:
+        return tuple(min(m.shape) for m in self.unfoldings(site))
+
+    def __call__(self, model: ir.Model, ranks_by_site: Mapping[str, Sequence[int]]) -> ir.Model:
+        model = model.clone()
+        nodes = {node.name: node for node in model.graph}
+        for name, ranks in ranks_by_site.items():
+            node = nodes[name]
+            site = classify(node, {})
+            if not isinstance(site, Site) or not self.applies(site):
+                raise ValueError(f"{self.method} does not apply to site '{name}'")
+            self.rewrite(model.graph, node, site, ranks)
+        RemoveUnusedNodesPass()(model)
+        return model
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, like: ir.Value) -> ir.Value:
+    """Register ``array`` (cast to the dtype of ``like``) as a new initializer of ``graph``."""
+    dtype = like.const_value.dtype.numpy()
+    tensor = ir.tensor(np.ascontiguousarray(array, dtype=dtype), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, chain: Sequence[ir.Node]) -> None:
+    """Put ``chain`` where ``node`` was; the chain's last output takes over the node's output."""
+    ir.convenience.replace_nodes_and_values(
+        graph, node, [node], list(chain), [node.outputs[0]], [chain[-1].outputs[0]]
+    )
+
+
+def conv_node(
+    name: str,
+    x: ir.Value,
+    weight: ir.Value,
+    bias: ir.Value | None,
+    kernel: tuple[int, int],
+    strides: Sequence[int] = (1, 1),
+    pads: Sequence[int] = (0, 0, 0, 0),
+    dilations: Sequence[int] = (1, 1),
+) -> ir.Node:
+    """A plain group-1 2-D Conv node with explicit attributes."""
+    inputs = [x, weight] if bias is None else [x, weight, bias]
+    return ir.node(
+        "Conv",
+        inputs,
+        attributes={
+            "kernel_shape": list(kernel),
+            "strides": list(strides),
+            "pads": list(pads),
+            "dilations": list(dilations),
+            "group": 1,
+        },
+        name=name,
+    )

@@ -1,0 +1,64 @@
+"""Spatial SVD of a k x k convolution: a kh x 1 conv then a 1 x kw conv (Jaderberg et al. 2014).
+
+Unfold the kernel as the (C_in kh) x (C_out kw) matrix ``M[(c, i), (o, j)] = W[o, c, i, j]``;
+its rank-r SVD ``M ~= A B`` gives
+
+    vertical[k, c, i, 0]   = A[(c, i), k]      (r filters of size kh x 1)
+    horizontal[o, k, 0, j] = B[k, (o, j)]      (C_out filters of size 1 x kw)
+
+and ``Conv(x, W) = Conv_{1 x kw}(Conv_{kh x 1}(x, vertical), horizontal)`` exactly at full rank.
+The vertical conv takes the height stride / padding / dilation, the horizontal one the width's;
+the vertical conv has no bias, so the width padding of its output is still zero.
+
+    parameters  r (C_in kh + C_out kw)
+    FLOPs       2 N r (H_out W C_in kh + H_out W_out C_out kw)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from lrdeploy.decompositions import spatial_svd, spatial_unfolding
+from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
+from lrdeploy.sites import Site
+
+
+class SpatialSVDConv(Factorization):
+    method = "spatial"
+
+    def applies(self, site: Site) -> bool:
+        return site.is_conv and site.kernel != (1, 1)
+
+    def unfoldings(self, site: Site) -> list[np.ndarray]:
+        return [spatial_unfolding(site.weight)]
+
+    def cost(self, site: Site, ranks: Sequence[int]) -> Cost:
+        (rank,) = ranks
+        c_out, c_in, kh, kw = site.weight.shape
+        flops = None
+        if site.input_shape is not None and site.output_shape is not None:
+            n, _, _, w = site.input_shape
+            h_out, w_out = site.output_shape[2:]
+            flops = 2 * n * rank * (h_out * w * c_in * kh + h_out * w_out * c_out * kw)
+        return Cost(rank * (c_in * kh + c_out * kw) + site.bias_params, flops)
+
+    def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
+        (rank,) = ranks
+        vertical, horizontal = spatial_svd(site.weight, rank)
+        kh, kw = site.kernel
+        top, left, bottom, right = site.pads
+        weight_value = node.inputs[1]
+        v = add_initializer(graph, f"{site.name}/spatial_v", vertical, weight_value)
+        h = add_initializer(graph, f"{site.name}/spatial_h", horizontal, weight_value)
+        first = conv_node(f"{site.name}/spatial_0", node.inputs[0], v, None, (kh, 1),
+                          (site.strides[0], 1), (top, 0, bottom, 0), (site.dilations[0], 1))
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        second = conv_node(f"{site.name}/spatial_1", first.outputs[0], h, bias, (1, kw),
+                           (1, site.strides[1]), (0, left, 0, right), (1, site.dilations[1]))
+        replace_node(graph, node, [first, second])
+
+
+RULE = SpatialSVDConv()

@@ -1,0 +1,55 @@
+"""Truncated SVD of a 1x1 convolution: one 1x1 conv becomes two.
+
+A 1x1 conv is the matrix ``W[C_out, C_in]`` applied at every pixel. With ``W ~= U V``
+(U: C_out x r, V: r x C_in):
+
+    Conv1x1(x, W) + b  ~=  Conv1x1(Conv1x1(x, V), U) + b     parameters r (C_in + C_out)
+
+Stride and padding go on the first conv: zero-padded pixels map to zero through V (it has no
+bias), so the border still receives exactly ``b``. FLOPs are 2 H_out W_out r (C_in + C_out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from lrdeploy.decompositions import svd_factors
+from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
+from lrdeploy.sites import Site
+
+
+class SVDConv1x1(Factorization):
+    method = "svd"
+
+    def applies(self, site: Site) -> bool:
+        return site.is_conv and site.kernel == (1, 1)
+
+    def unfoldings(self, site: Site) -> list[np.ndarray]:
+        return [site.weight[:, :, 0, 0]]
+
+    def cost(self, site: Site, ranks: Sequence[int]) -> Cost:
+        (rank,) = ranks
+        c_out, c_in = site.weight.shape[:2]
+        flops = None
+        if site.output_shape is not None:
+            n, _, h_out, w_out = site.output_shape
+            flops = 2 * n * h_out * w_out * rank * (c_in + c_out)
+        return Cost(rank * (c_in + c_out) + site.bias_params, flops)
+
+    def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
+        (rank,) = ranks
+        u, v = svd_factors(site.weight[:, :, 0, 0], rank)
+        weight_value = node.inputs[1]
+        reduce = add_initializer(graph, f"{site.name}/svd_V", v[:, :, None, None], weight_value)
+        expand = add_initializer(graph, f"{site.name}/svd_U", u[:, :, None, None], weight_value)
+        first = conv_node(f"{site.name}/svd_0", node.inputs[0], reduce, None, (1, 1),
+                          site.strides, site.pads)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        second = conv_node(f"{site.name}/svd_1", first.outputs[0], expand, bias, (1, 1))
+        replace_node(graph, node, [first, second])
+
+
+RULE = SVDConv1x1()

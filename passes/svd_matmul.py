@@ -1,0 +1,69 @@
+"""Truncated SVD of a constant Gemm / MatMul weight: one matrix product becomes two.
+
+For ``y = x @ W`` with W (K x N) and ``W ~= U V`` (U: K x r, V: r x N, the rank-r SVD with
+sqrt(s) on each side):
+
+    y ~= (x @ U) @ V               parameters r (K + N) instead of K N
+
+The factors are applied to the activation in sequence, never multiplied together, so constant
+folding (ONNX optimisers, TVM) cannot rebuild the dense W. For Gemm,
+``y = alpha * x @ W + beta * C`` becomes ``MatMul(x, U)`` then ``Gemm(., V, C, alpha, beta)``.
+A constant left operand, ``y = W @ x``, becomes ``U @ (V @ x)``.
+It pays off only when ``r (K + N) < K N`` (the break-even rank), for FLOPs and parameters alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from lrdeploy.decompositions import svd_factors
+from lrdeploy.passes.base import Cost, Factorization, add_initializer, replace_node
+from lrdeploy.sites import Site
+
+
+class SVDMatMul(Factorization):
+    method = "svd"
+
+    def applies(self, site: Site) -> bool:
+        return not site.is_conv
+
+    def unfoldings(self, site: Site) -> list[np.ndarray]:
+        return [site.weight]
+
+    def cost(self, site: Site, ranks: Sequence[int]) -> Cost:
+        (rank,) = ranks
+        rows, cols = site.weight.shape
+        vectors = site.vectors
+        flops = None if vectors is None else 2 * vectors * rank * (rows + cols)
+        return Cost(rank * (rows + cols) + site.bias_params, flops)
+
+    def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
+        (rank,) = ranks
+        left, right = svd_factors(site.weight, rank)
+        weight_value = node.inputs[1] if site.side == "right" else node.inputs[0]
+        u = add_initializer(graph, f"{site.name}/svd_U", left, weight_value)
+        v = add_initializer(graph, f"{site.name}/svd_V", right, weight_value)
+        if site.side == "left":
+            first = ir.node("MatMul", [v, node.inputs[1]], name=f"{site.name}/svd_0")
+            second = ir.node("MatMul", [u, first.outputs[0]], name=f"{site.name}/svd_1")
+        else:
+            first = ir.node("MatMul", [node.inputs[0], u], name=f"{site.name}/svd_0")
+            if node.op_type == "Gemm":
+                second = ir.node(
+                    "Gemm",
+                    [first.outputs[0], v, *node.inputs[2:]],
+                    attributes={
+                        "alpha": node.attributes.get_float("alpha", 1.0),
+                        "beta": node.attributes.get_float("beta", 1.0),
+                    },
+                    name=f"{site.name}/svd_1",
+                )
+            else:
+                second = ir.node("MatMul", [first.outputs[0], v], name=f"{site.name}/svd_1")
+        replace_node(graph, node, [first, second])
+
+
+RULE = SVDMatMul()
