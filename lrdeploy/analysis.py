@@ -19,7 +19,7 @@ from lrdeploy.decompositions import effective_rank, energy_rank, singular_values
 from lrdeploy.methods import method_for, rule_for
 from lrdeploy.passes.base import Factorization
 from lrdeploy.ranks import scaled_ranks
-from lrdeploy.sites import Site, SkippedSite, find_sites
+from lrdeploy.sites import Site, SkippedSite, find_sites, model_params
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 
@@ -86,8 +86,7 @@ class ModelAnalysis:
 
     @property
     def total_params(self) -> int:
-        return sum(int(v.const_value.size) for v in self.model.graph.initializers.values()
-                   if v.const_value is not None)
+        return model_params(self.model)
 
     def rows(self) -> list[dict]:
         """One JSON-ready record per site (the ``analyze`` table)."""
@@ -116,17 +115,29 @@ def _list_or_none(ranks: tuple[int, ...] | None) -> list[int] | None:
 
 
 def analyze_model(
-    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0
+    model: ir.Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    probe_feed: runtime.Feeds | None = None,
 ) -> ModelAnalysis:
-    """Find the sites of a canonical model and their concrete shapes at the given inputs."""
+    """Find the sites of a canonical model and their concrete shapes at the given inputs.
+
+    Shapes come from one onnxruntime run on ``probe_feed`` (default: seeded random inputs).
+    """
     specs = runtime.input_specs(model, input_shapes)
+    if probe_feed is not None:
+        specs = [runtime.InputSpec(s.name, s.dtype, tuple(probe_feed[s.name].shape))
+                 for s in specs]
     provisional = find_sites(model)
+    if not provisional.sites:
+        return ModelAnalysis(model, specs, [], provisional.skipped)
     wanted = set()
     nodes = {node.name: node for node in model.graph}
     for site in provisional.sites:
         node = nodes[site.name]
         wanted.update(v.name for v in (*node.inputs[:2], node.outputs[0]) if v is not None)
-    shapes = runtime.probe_shapes(model, runtime.random_inputs(model, specs, seed), wanted)
+    feed = probe_feed if probe_feed is not None else runtime.random_inputs(model, specs, seed)
+    shapes = runtime.probe_shapes(model, feed, wanted)
     shapes.update({spec.name: spec.shape for spec in specs})
     scan = find_sites(model, shapes)
     return ModelAnalysis(model, specs, scan.sites, scan.skipped)

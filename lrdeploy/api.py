@@ -146,7 +146,13 @@ def compress(
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
     if output is not None:
         _check_output_path(Path(output), loaded.input_path, report, save_plan)
-    analysis = analyze_model(loaded.canonical, input_shapes if loaded.input_path else None, seed)
+    onnx_shapes = input_shapes if loaded.input_path else None
+    calib_feeds = None
+    if calib is not None:
+        specs = runtime.input_specs(loaded.canonical, onnx_shapes)
+        calib_feeds = runtime.load_calibration(calib, specs)
+    analysis = analyze_model(loaded.canonical, onnx_shapes, seed,
+                             calib_feeds[0] if calib_feeds else None)
     if isinstance(plan, str | os.PathLike):
         plan_source = f"plan {plan}"
         plan = Plan.load(plan)
@@ -157,9 +163,9 @@ def compress(
         plan = make_plan(analysis, rule, method, only, skip, guard, tucker_sweeps)
     compressed = apply_plan(loaded.canonical, plan, analysis.sites)
     check_onnx(compressed)
-    if calib is not None:
-        feeds = runtime.load_calibration(calib, analysis.specs)
-        feed_source = str(calib)
+    if calib_feeds is not None:
+        feeds = calib_feeds
+        feed_source = f"{len(feeds)} feed(s) from {calib}"
     else:
         feeds = [runtime.random_inputs(loaded.original, analysis.specs, seed + i)
                  for i in range(samples)]

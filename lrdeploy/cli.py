@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     errors = Console(stderr=True)
     try:
         shapes = parse_input_shapes(args.input_shape)

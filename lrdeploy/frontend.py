@@ -10,8 +10,10 @@ Canonical form, which the site finder and the passes rely on:
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,8 +120,20 @@ def export_torch(module: Any, example_inputs: Sequence[Any]) -> ir.Model:
     import torch
 
     module = module.eval()
-    with torch.no_grad():
-        program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, verbose=False)
+    # The exporter logs a line per optional torchvision op it cannot register, and warns about
+    # its own internals: noise for a user who only traces a model.
+    exporter_logger = logging.getLogger("torch.onnx")
+    level = exporter_logger.level
+    exporter_logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, tuple(example_inputs), dynamo=True,
+                                        verbose=False)
+    except Exception as exc:
+        raise LrdeployError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+    finally:
+        exporter_logger.setLevel(level)
     if program is None:
         raise LrdeployError("torch.onnx.export returned no program")
     return program.model

@@ -16,12 +16,8 @@ from lrdeploy import __version__
 from lrdeploy.analysis import ModelAnalysis
 from lrdeploy.methods import DENSE, rule_for
 from lrdeploy.plan import Plan
+from lrdeploy.sites import model_params
 from lrdeploy.verify import OutputFidelity
-
-
-def _model_params(model: ir.Model) -> int:
-    return sum(int(v.const_value.size) for v in model.graph.initializers.values()
-               if v.const_value is not None)
 
 
 def build_report(
@@ -66,8 +62,8 @@ def build_report(
         "site_params_after": sum(s["params_after"] for s in sites),
         "site_flops_before": sum(s["flops_before"] for s in sites) if flops_known else None,
         "site_flops_after": sum(s["flops_after"] for s in sites) if flops_known else None,
-        "model_params_before": _model_params(analysis.model),
-        "model_params_after": _model_params(compressed),
+        "model_params_before": model_params(analysis.model),
+        "model_params_after": model_params(compressed),
     }
     return {
         "lrdeploy_version": __version__,
@@ -104,27 +100,42 @@ def _ranks(values: Sequence | None) -> str:
     return "/".join(str(v) for v in values)
 
 
+def _name_prefix(names: Sequence[str]) -> str:
+    """The common path-like prefix of site names (up to a '/'), dropped in tables."""
+    prefix = os.path.commonprefix(list(names)) if len(names) > 1 else ""
+    return prefix[: prefix.rfind("/") + 1]
+
+
+def _titled(title: str, prefix: str) -> str:
+    return f"{title}, names under {prefix}" if prefix else title
+
+
 def print_skipped(console: Console, skipped: Sequence[dict]) -> None:
     if not skipped:
         return
-    table = Table(title=f"Skipped operators ({len(skipped)})", title_justify="left")
+    prefix = _name_prefix([row["site"] for row in skipped])
+    table = Table(title=_titled(f"Skipped operators ({len(skipped)})", prefix),
+                  title_justify="left")
     for column in ("site", "op", "reason"):
         table.add_column(column)
     for row in skipped:
-        table.add_row(row["site"], row["op"], row["reason"])
+        table.add_row(row["site"][len(prefix):], row["op"], row["reason"])
     console.print(table)
 
 
 def print_analysis(console: Console, rows: Sequence[dict], skipped: Sequence[dict],
                    inputs: Sequence[dict]) -> None:
     shapes = ", ".join(f"{i['name']}={list(i['shape'])}" for i in inputs)
-    table = Table(title=f"Factorizable sites ({len(rows)}) at {shapes}", title_justify="left")
+    prefix = _name_prefix([row["site"] for row in rows])
+    table = Table(title=_titled(f"Factorizable sites ({len(rows)}) at {shapes}", prefix),
+                  title_justify="left")
     for column in ("site", "op", "weight", "method", "params", "FLOPs", "full", "erank",
                    "E90", "E95", "E99", "break-even"):
         table.add_column(column, justify="left" if column in ("site", "op", "method") else "right")
     for row in rows:
         table.add_row(
-            row["site"], row["op"], "x".join(map(str, row["weight_shape"])), row["method"],
+            row["site"][len(prefix):], row["op"], "x".join(map(str, row["weight_shape"])),
+            row["method"],
             _num(row["params"]), _num(row["flops"]), _ranks(row["full_ranks"]),
             _ranks(row["effective_rank"]), _ranks(row["energy_90"]), _ranks(row["energy_95"]),
             _ranks(row["energy_99"]), _ranks(row["break_even_ranks"]),
@@ -134,12 +145,13 @@ def print_analysis(console: Console, rows: Sequence[dict], skipped: Sequence[dic
 
 
 def print_compression(console: Console, report: dict) -> None:
-    table = Table(title="Sites", title_justify="left")
+    prefix = _name_prefix([row["site"] for row in report["sites"]])
+    table = Table(title=_titled("Sites", prefix), title_justify="left")
     for column in ("site", "method", "ranks", "params", "FLOPs", "note"):
         table.add_column(column)
     for row in report["sites"]:
         table.add_row(
-            row["site"], row["method"], _ranks(row["ranks"]) if row["ranks"] else "",
+            row["site"][len(prefix):], row["method"], _ranks(row["ranks"]) if row["ranks"] else "",
             f"{_num(row['params_before'])} -> {_num(row['params_after'])}",
             f"{_num(row['flops_before'])} -> {_num(row['flops_after'])}",
             row["note"] if row["method"] == DENSE else "",
@@ -155,9 +167,10 @@ def print_compression(console: Console, report: dict) -> None:
     )
     verification = report["verification"]
     fidelity = Table(title=f"Verification on {verification['feed_source']}", title_justify="left")
-    for column in ("output", "max abs error", "relative L2", "cosine"):
+    for column in ("output", "max abs error", "relative L2", "cosine", "float32 noise floor"):
         fidelity.add_column(column)
     for row in verification["outputs"]:
         fidelity.add_row(row["name"], f"{row['max_abs_error']:.3e}",
-                         f"{row['relative_l2_error']:.3e}", f"{row['cosine']:.6f}")
+                         f"{row['relative_l2_error']:.3e}", f"{row['cosine']:.6f}",
+                         f"{row['noise_floor']:.1e}")
     console.print(fidelity)

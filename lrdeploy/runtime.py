@@ -23,6 +23,10 @@ DEFAULT_DYNAMIC_DIM = 32
 
 Feeds = dict[str, np.ndarray]
 
+# onnxruntime logs kernel failures to stderr on its own; lrdeploy reports them as one line.
+_QUIET_RUN = ort.RunOptions()
+_QUIET_RUN.log_severity_level = 4
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -155,11 +159,14 @@ def load_calibration(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -
     cast = {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in specs}
     if count is None:
         return [cast]
-    return [{name: array[i] for name, array in cast.items()} for i in range(count)]
+    return [{name: np.asarray(array[i]) for name, array in cast.items()} for i in range(count)]
 
 
-def session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
-    """An onnxruntime CPU session for ``model``, optionally exposing intermediate values."""
+def session(
+    model: ir.Model, extra_outputs: Sequence[str] = (), optimize: bool = True
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``model``, optionally exposing intermediate values;
+    ``optimize=False`` turns off onnxruntime's graph rewrites (fusions, constant folding)."""
     if extra_outputs:
         model = model.clone()
         values = {out.name: out for node in model.graph for out in node.outputs}
@@ -167,7 +174,9 @@ def session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> ort.Inference
             if name in values and values[name].type is not None and not values[name].is_graph_output():
                 model.graph.outputs.append(values[name])
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     proto = ir.serde.serialize_model(model)
     try:
         return ort.InferenceSession(proto.SerializeToString(), options,
@@ -180,9 +189,14 @@ def run(sess: ort.InferenceSession, feeds: Feeds) -> dict[str, np.ndarray]:
     """Run one feed; returns every output by name."""
     names = [o.name for o in sess.get_outputs()]
     try:
-        return dict(zip(names, sess.run(names, feeds)))
+        return dict(zip(names, sess.run(names, feeds, _QUIET_RUN)))
     except Exception as exc:
-        raise LrdeployError(f"onnxruntime failed to run the model: {exc}") from None
+        shapes = ", ".join(f"{k}={list(v.shape)}" for k, v in feeds.items())
+        message = str(exc).replace("\n", " ")
+        raise LrdeployError(
+            f"onnxruntime failed to run the model on inputs {shapes} (give real inputs with "
+            f"--calib or sizes with --input-shape): {message}"
+        ) from None
 
 
 def probe_shapes(model: ir.Model, feeds: Feeds, value_names: Iterable[str]) -> dict[str, tuple]:

@@ -35,6 +35,7 @@ class Site:
     strides: tuple[int, ...] = (1, 1)
     pads: tuple[int, ...] = (0, 0, 0, 0)
     dilations: tuple[int, ...] = (1, 1)
+    auto_pad: str = "NOTSET"
 
     @property
     def is_conv(self) -> bool:
@@ -82,6 +83,16 @@ class SkippedSite:
 class SiteScan:
     sites: list[Site] = field(default_factory=list)
     skipped: list[SkippedSite] = field(default_factory=list)
+
+
+def model_params(model: ir.Model) -> int:
+    """Elements in all initializers, subgraphs included (weights are lifted to initializers)."""
+    graphs = {id(model.graph): model.graph}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.graph is not None:
+            graphs.setdefault(id(node.graph), node.graph)
+    return sum(int(v.const_value.size) for g in graphs.values()
+               for v in g.initializers.values() if v.const_value is not None)
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
@@ -168,9 +179,6 @@ def classify(node: ir.Node, shapes: Mapping[str, tuple[int, ...]]) -> Site | Ski
         if group != 1:
             kind = "depthwise" if weight.shape[1] == 1 else "grouped"
             return skip(f"{kind} convolution (group={group})")
-        auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
-        if auto_pad not in ("NOTSET", "VALID"):
-            return skip(f"auto_pad={auto_pad} (explicit pads only)")
         return Site(
             name=node.name,
             op=op,
@@ -182,6 +190,7 @@ def classify(node: ir.Node, shapes: Mapping[str, tuple[int, ...]]) -> Site | Ski
             strides=tuple(node.attributes.get_ints("strides", (1, 1))),
             pads=tuple(node.attributes.get_ints("pads", (0, 0, 0, 0))),
             dilations=tuple(node.attributes.get_ints("dilations", (1, 1))),
+            auto_pad=node.attributes.get_string("auto_pad", "NOTSET"),
         )
 
     if weight.ndim != 2:

@@ -87,18 +87,20 @@ def conv_node(
     strides: Sequence[int] = (1, 1),
     pads: Sequence[int] = (0, 0, 0, 0),
     dilations: Sequence[int] = (1, 1),
+    auto_pad: str = "NOTSET",
 ) -> ir.Node:
-    """A plain group-1 2-D Conv node with explicit attributes."""
+    """A plain group-1 2-D Conv node. ``auto_pad`` SAME_* / VALID replaces explicit ``pads``:
+    SAME padding is computed per spatial axis, so a conv that keeps one axis's kernel, stride
+    and dilation pads that axis exactly as the original did."""
     inputs = [x, weight] if bias is None else [x, weight, bias]
-    return ir.node(
-        "Conv",
-        inputs,
-        attributes={
-            "kernel_shape": list(kernel),
-            "strides": list(strides),
-            "pads": list(pads),
-            "dilations": list(dilations),
-            "group": 1,
-        },
-        name=name,
-    )
+    attributes = {
+        "kernel_shape": list(kernel),
+        "strides": list(strides),
+        "dilations": list(dilations),
+        "group": 1,
+    }
+    if auto_pad == "NOTSET":
+        attributes["pads"] = list(pads)
+    else:
+        attributes["auto_pad"] = auto_pad
+    return ir.node("Conv", inputs, attributes=attributes, name=name)

@@ -8,7 +8,8 @@ its rank-r SVD ``M ~= A B`` gives
 
 and ``Conv(x, W) = Conv_{1 x kw}(Conv_{kh x 1}(x, vertical), horizontal)`` exactly at full rank.
 The vertical conv takes the height stride / padding / dilation, the horizontal one the width's;
-the vertical conv has no bias, so the width padding of its output is still zero.
+the vertical conv has no bias, so the width padding of its output is still zero. With
+auto_pad SAME_*, each conv pads its own axis as the original would (padding is per axis).
 
     parameters  r (C_in kh + C_out kw)
     FLOPs       2 N r (H_out W C_in kh + H_out W_out C_out kw)
@@ -54,10 +55,12 @@ class SpatialSVDConv(Factorization):
         v = add_initializer(graph, f"{site.name}/spatial_v", vertical, weight_value)
         h = add_initializer(graph, f"{site.name}/spatial_h", horizontal, weight_value)
         first = conv_node(f"{site.name}/spatial_0", node.inputs[0], v, None, (kh, 1),
-                          (site.strides[0], 1), (top, 0, bottom, 0), (site.dilations[0], 1))
+                          (site.strides[0], 1), (top, 0, bottom, 0), (site.dilations[0], 1),
+                          site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         second = conv_node(f"{site.name}/spatial_1", first.outputs[0], h, bias, (1, kw),
-                           (1, site.strides[1]), (0, left, 0, right), (1, site.dilations[1]))
+                           (1, site.strides[1]), (0, left, 0, right), (1, site.dilations[1]),
+                           site.auto_pad)
         replace_node(graph, node, [first, second])
 
 

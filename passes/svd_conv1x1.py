@@ -46,7 +46,7 @@ class SVDConv1x1(Factorization):
         reduce = add_initializer(graph, f"{site.name}/svd_V", v[:, :, None, None], weight_value)
         expand = add_initializer(graph, f"{site.name}/svd_U", u[:, :, None, None], weight_value)
         first = conv_node(f"{site.name}/svd_0", node.inputs[0], reduce, None, (1, 1),
-                          site.strides, site.pads)
+                          site.strides, site.pads, auto_pad=site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         second = conv_node(f"{site.name}/svd_1", first.outputs[0], expand, bias, (1, 1))
         replace_node(graph, node, [first, second])

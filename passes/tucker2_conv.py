@@ -5,8 +5,9 @@ With ``W[o, c, i, j] ~= sum_{a, b} U_out[o, a] core[a, b, i, j] U_in[c, b]``
 
     Conv(x, W) + b  ~=  Conv1x1(Conv_kxk(Conv1x1(x, U_in^T), core), U_out) + b
 
-The k x k core keeps the original stride, padding and dilation. The first 1x1 runs at the
-*input* resolution H W, before the stride, and has no bias, so zero padding commutes with it.
+The k x k core keeps the original stride, padding (explicit or auto_pad) and dilation. The
+first 1x1 runs at the *input* resolution H W, before the stride, and has no bias, so zero
+padding commutes with it.
 
     parameters  C_in r_in + r_in r_out kh kw + r_out C_out
     FLOPs       2 N (H W C_in r_in + H_out W_out (r_in r_out kh kw + r_out C_out))
@@ -62,7 +63,7 @@ class Tucker2Conv(Factorization):
                                  weight_value)
         first = conv_node(f"{site.name}/tucker_0", node.inputs[0], first_w, None, (1, 1))
         middle = conv_node(f"{site.name}/tucker_1", first.outputs[0], core_w, None, site.kernel,
-                           site.strides, site.pads, site.dilations)
+                           site.strides, site.pads, site.dilations, site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         last = conv_node(f"{site.name}/tucker_2", middle.outputs[0], last_w, bias, (1, 1))
         replace_node(graph, node, [first, middle, last])

@@ -1,0 +1,121 @@
+"""The command line as a user meets it: one-line errors, non-zero exits, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from conftest import make_model, run_cli, tensor_value, weight
+from onnx import helper
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [tensor_value("x", ["batch", 96])], ["y"], [weight("w", (96, 80), 0)])
+    path = tmp_path / "small.onnx"
+    onnx.save_model(model, path)
+    return path
+
+
+def _assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lrdeploy: error:")
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def _bad_inputs(tmp_path, small_model):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(small_model.read_bytes()[: small_model.stat().st_size // 2])
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n" * 50)
+    outside = tmp_path / "inner"
+    outside.mkdir()
+    onnx.save_model(onnx.load(small_model), str(tmp_path / "shared.onnx"),
+                    save_as_external_data=True, location="weights.bin", size_threshold=0)
+    escaping = onnx.load(tmp_path / "shared.onnx", load_external_data=False)
+    for entry in escaping.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../weights.bin"
+    onnx.save_model(escaping, outside / "escape.onnx")
+    return {
+        "missing file": ([tmp_path / "nope.onnx"], ["nope.onnx", "no such file"]),
+        "truncated": ([truncated], ["truncated.onnx"]),
+        "not onnx": ([text], ["notes.onnx"]),
+        "external outside": ([outside / "escape.onnx"], ["escape.onnx", "outside the model folder"]),
+        "malformed rank": ([small_model, "--rank", "energy:1.5"], ["--rank", "energy:1.5"]),
+        "unknown rank rule": ([small_model, "--rank", "quantile:3"], ["--rank", "quantile:3"]),
+        "output is input": ([small_model, "-o", small_model], ["is the input model"]),
+    }
+
+
+CASES = ["missing file", "truncated", "not onnx", "external outside", "malformed rank",
+         "unknown rank rule", "output is input"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_line_error_and_writes_nothing(tmp_path, small_model, case):
+    args, fragments = _bad_inputs(tmp_path, small_model)[case]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if "-o" not in args:
+        args = [*args, "-o", out_dir / "result.onnx"]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    proc = run_cli("compress", *args, "--report", out_dir / "report.json")
+    _assert_one_line_error(proc, *fragments)
+    assert list(out_dir.iterdir()) == []
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert after == before  # nothing created, nothing touched (the input included)
+
+
+def test_min_fidelity_failure_writes_nothing_and_names_the_figure(tmp_path, small_model):
+    out = tmp_path / "lr.onnx"
+    proc = run_cli("compress", small_model, "-o", out, "--rank", "rank:2",
+                   "--min-fidelity", "0.999", "--report", tmp_path / "r.json")
+    _assert_one_line_error(proc, "below --min-fidelity 0.999")
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_compress_writes_model_report_and_plan_that_reapplies(tmp_path, small_model):
+    out, report, plan = tmp_path / "lr.onnx", tmp_path / "r.json", tmp_path / "plan.json"
+    proc = run_cli("compress", small_model, "-o", out, "--rank", "rank:8", "--report", report,
+                   "--save-plan", plan, "--input-shape", "x=3,96")
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    data = json.loads(report.read_text())
+    (site,) = data["sites"]
+    assert site["method"] == "svd" and site["ranks"] == [8]
+    assert data["inputs"][0]["shape"] == [3, 96]
+    assert site["flops_before"] == 2 * 3 * 96 * 80
+    assert data["totals"]["model_params_after"] == 8 * (96 + 80)
+    assert data["verification"]["onnx_checker"].startswith("passed")
+    # edit the plan by hand, re-apply it: the plan, not --rank, decides
+    saved = json.loads(plan.read_text())
+    saved["entries"][0]["ranks"] = [5]
+    plan.write_text(json.dumps(saved))
+    again = tmp_path / "again.onnx"
+    proc = run_cli("compress", small_model, "-o", again, "--plan", plan, "--rank", "rank:8")
+    assert proc.returncode == 0, proc.stderr
+    shapes = sorted(tuple(t.dims) for t in onnx.load(again).graph.initializer)
+    assert shapes == [(5, 80), (96, 5)]
+
+
+def test_plan_with_out_of_range_ranks_is_refused(tmp_path, small_model):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "lrdeploy-plan/1",
+                                "entries": [{"site": "mm", "method": "svd", "ranks": [500]}]}))
+    proc = run_cli("compress", small_model, "-o", tmp_path / "o.onnx", "--plan", plan)
+    _assert_one_line_error(proc, "ranks [500]", "'mm'")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_help_explains_the_rank_rules():
+    proc = run_cli("compress", "--help")
+    assert proc.returncode == 0
+    for rule in ("rank:R", "ratio:F", "energy:E", "erank", "vbmf"):
+        assert rule in proc.stdout

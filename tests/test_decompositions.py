@@ -1,0 +1,93 @@
+"""The decompositions and spectral estimators, against closed forms and exact reconstruction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorly as tl
+
+from lrdeploy.decompositions import (
+    effective_rank,
+    energy_rank,
+    evbmf_rank,
+    singular_values,
+    spatial_svd,
+    svd_factors,
+    tucker2,
+)
+
+
+def matrix_with_spectrum(s: np.ndarray, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, len(s))))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, len(s))))
+    return (u * s) @ v.T
+
+
+def test_effective_rank_of_equal_singular_values_is_their_count():
+    m = matrix_with_spectrum(np.full(7, 3.0), 20, 30)
+    assert effective_rank(singular_values(m)) == pytest.approx(7.0, rel=1e-9)
+
+
+def test_effective_rank_of_geometric_spectrum_matches_closed_form():
+    # s_i = q^i, i < n: p_i = (1 - q) q^i / (1 - q^n) and
+    # H = -log((1 - q) / (1 - q^n)) - log(q) (q / (1 - q) - n q^n / (1 - q^n)).
+    q, n = 0.7, 12
+    m = matrix_with_spectrum(q ** np.arange(n), 40, 25, seed=1)
+    mean_index = q / (1 - q) - n * q**n / (1 - q**n)
+    entropy = -np.log((1 - q) / (1 - q**n)) - np.log(q) * mean_index
+    assert effective_rank(singular_values(m)) == pytest.approx(np.exp(entropy), rel=1e-9)
+
+
+def test_effective_rank_of_rank_one_matrix_is_one():
+    m = np.outer(np.arange(1, 6), np.arange(1, 4)).astype(float)
+    assert effective_rank(singular_values(m)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_energy_rank_counts_squared_singular_values():
+    s = np.array([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14
+    assert energy_rank(s, 9 / 14) == 1
+    assert energy_rank(s, 0.9) == 2
+    assert energy_rank(s, 13 / 14 + 1e-6) == 3
+    assert energy_rank(s, 1.0) == 3
+
+
+def test_evbmf_recovers_the_rank_of_a_noisy_low_rank_matrix():
+    rng = np.random.default_rng(3)
+    signal = matrix_with_spectrum(np.linspace(40, 20, 6), 120, 200, seed=3)
+    noisy = signal + 0.3 * rng.standard_normal(signal.shape)
+    assert evbmf_rank(noisy) == 6
+    assert evbmf_rank(noisy.T) == 6
+
+
+def test_svd_factors_exact_at_full_rank_and_optimal_when_truncated():
+    m = np.random.default_rng(4).standard_normal((9, 5))
+    left, right = svd_factors(m, 5)
+    assert np.allclose(left @ right, m)
+    left, right = svd_factors(m, 2)
+    s = singular_values(m)
+    assert np.linalg.norm(m - left @ right) == pytest.approx(np.sqrt(np.sum(s[2:] ** 2)))
+
+
+def test_tucker2_exact_at_full_ranks():
+    w = np.random.default_rng(5).standard_normal((6, 4, 3, 3))
+    core, u_out, u_in = tucker2(w, (6, 4))
+    assert core.shape == (6, 4, 3, 3) and u_out.shape == (6, 6) and u_in.shape == (4, 4)
+    assert np.allclose(tl.tenalg.multi_mode_dot(core, [u_out, u_in], modes=[0, 1]), w)
+
+
+def test_tucker2_refinement_never_worse_than_hosvd():
+    w = np.random.default_rng(6).standard_normal((16, 12, 3, 3))
+
+    def error(sweeps: int) -> float:
+        core, u_out, u_in = tucker2(w, (5, 4), sweeps)
+        return np.linalg.norm(w - tl.tenalg.multi_mode_dot(core, [u_out, u_in], modes=[0, 1]))
+
+    assert error(10) <= error(0) + 1e-9
+
+
+def test_spatial_svd_exact_at_full_rank():
+    w = np.random.default_rng(7).standard_normal((5, 3, 3, 2))
+    vertical, horizontal = spatial_svd(w, min(3 * 3, 5 * 2))
+    rebuilt = np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0, :])
+    assert np.allclose(rebuilt, w)
