@@ -148,7 +148,8 @@ def evbmf_rank(matrix: np.ndarray) -> int:
 
     With the noise variance sigma^2 itself estimated by maximising the evidence, the global
     analytic EVBMF solution keeps exactly the singular values above
-    ``sqrt(M sigma^2 (1 + tau) (1 + alpha / tau))``, ``alpha = L / M``, ``tau = 2.5129 sqrt(alpha)``.
+    ``sqrt(M sigma^2 (1 + tau) (1 + alpha / tau))``, ``alpha = L / M``,
+    ``tau = 2.5129 sqrt(alpha)``.
     No maintained package provides it (tensorly does not), hence this implementation.
 
     References

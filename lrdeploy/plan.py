@@ -126,7 +126,7 @@ def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site]) -> ir.Model:
                                 f"'{entry.site}' ({site.op} {list(site.weight.shape)})")
         full = rule.full_ranks(site)
         if len(entry.ranks) != len(full) or not all(1 <= r <= f for r, f in
-                                                     zip(entry.ranks, full)):
+                                                     zip(entry.ranks, full, strict=False)):
             raise LrdeployError(f"plan: ranks {entry.ranks} for site '{entry.site}' must be "
                                 f"{len(full)} number(s) between 1 and {list(full)}")
         groups.setdefault(type(rule), (rule, {}))[1][entry.site] = entry.ranks

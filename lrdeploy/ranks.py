@@ -88,9 +88,9 @@ def resolve_ranks(
         return tuple(energy_rank(s, rule.value) for s in spectra)
     if rule.kind == "erank":
         return tuple(max(1, min(f, round(rule.value * effective_rank(s))))
-                     for s, f in zip(spectra, full))
+                     for s, f in zip(spectra, full, strict=False))
     if rule.kind == "vbmf":
-        return tuple(min(f, evbmf_rank(m)) for m, f in zip(unfoldings, full))
+        return tuple(min(f, evbmf_rank(m)) for m, f in zip(unfoldings, full, strict=False))
     if rule.kind == "ratio":
         budget = rule.value * dense_params
         steps = max(full)

@@ -69,7 +69,7 @@ def input_specs(
             given = tuple(int(d) for d in given)
             if dims is not None and (
                 len(dims) != len(given)
-                or any(isinstance(d, int) and d != g for d, g in zip(dims, given))
+                or any(isinstance(d, int) and d != g for d, g in zip(dims, given, strict=False))
             ):
                 raise LrdeployError(
                     f"--input-shape {value.name}={','.join(map(str, given))} does not fit the "
@@ -171,8 +171,9 @@ def session(
         model = model.clone()
         values = {out.name: out for node in model.graph for out in node.outputs}
         for name in extra_outputs:
-            if name in values and values[name].type is not None and not values[name].is_graph_output():
-                model.graph.outputs.append(values[name])
+            value = values.get(name)
+            if value is not None and value.type is not None and not value.is_graph_output():
+                model.graph.outputs.append(value)
     options = ort.SessionOptions()
     options.log_severity_level = 4
     if not optimize:
@@ -189,7 +190,7 @@ def run(sess: ort.InferenceSession, feeds: Feeds) -> dict[str, np.ndarray]:
     """Run one feed; returns every output by name."""
     names = [o.name for o in sess.get_outputs()]
     try:
-        return dict(zip(names, sess.run(names, feeds, _QUIET_RUN)))
+        return dict(zip(names, sess.run(names, feeds, _QUIET_RUN), strict=False))
     except Exception as exc:
         shapes = ", ".join(f"{k}={list(v.shape)}" for k, v in feeds.items())
         message = str(exc).replace("\n", " ")

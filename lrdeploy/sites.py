@@ -51,7 +51,7 @@ class Site:
 
     @property
     def vectors(self) -> int | None:
-        """How many vectors one inference multiplies by the matrix (None when shapes are unknown)."""
+        """Vectors one inference multiplies by the matrix (None when shapes are unknown)."""
         if self.input_shape is None:
             return None
         inner = self.weight.shape[0] if self.side == "right" else self.weight.shape[1]
