@@ -13,7 +13,13 @@ from lrdeploy.errors import LrdeployError
 from lrdeploy.fileio import write_json
 from lrdeploy.methods import METHOD_CHOICES
 from lrdeploy.ranks import RULE_SYNTAX
-from lrdeploy.report import print_analysis, print_compression
+from lrdeploy.report import (
+    print_analysis,
+    print_compression,
+    print_devices,
+    print_manifest,
+    print_verification,
+)
 
 MODEL_HELP = ("an .onnx file (external data must sit in its folder), or FILE.py:FACTORY, a "
               "function returning a torch.nn.Module (traced with --input-shape)")
@@ -36,6 +42,50 @@ def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]
             raise LrdeployError(f"--input-shape {spec!r}: dims must be >= 1")
         shapes[name if sep else f"#{position}"] = shape
     return shapes
+
+
+DEVICE_FILE_HELP = ("TOML or JSON table of extra devices keyed by name, with the fields of the "
+                    "built-in rows (lrdeploy targets --json shows them)")
+
+
+def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str | None) -> None:
+    group = parser.add_argument_group("compression")
+    default = f" (default {default_rank})" if default_rank else " (compile: compress first)"
+    group.add_argument("--rank", default=default_rank, metavar="RULE",
+                       help=f"rank rule: {RULE_SYNTAX}{default}")
+    group.add_argument("--method", default="auto", choices=METHOD_CHOICES,
+                       help="what k x k convs get: auto/tucker2 = Tucker-2, spatial = "
+                            "kh x 1 + 1 x kw, svd = left dense; matrices and 1x1 convs "
+                            "always use SVD (default auto)")
+    group.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                       help="factorize only sites whose name matches (shell pattern; repeat)")
+    group.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                       help="leave sites whose name matches dense (shell pattern; repeat)")
+    group.add_argument("--plan", metavar="FILE",
+                       help="apply a saved plan instead of --rank/--method/--only/--skip")
+    group.add_argument("--calib", metavar="NPZ",
+                       help="verification inputs keyed by input name (a stack of samples "
+                            "along a leading axis is fed one by one); default: random")
+    group.add_argument("--samples", type=int, default=2,
+                       help="random feeds when there is no --calib (default 2)")
+    group.add_argument("--min-fidelity", type=float, metavar="COSINE",
+                       help="fail and write nothing if an output's cosine similarity to the "
+                            "original is below this")
+    group.add_argument("--no-guard", action="store_true",
+                       help="factorize even where ranks do not reduce params and FLOPs "
+                            "(e.g. --rank full to check exactness)")
+    group.add_argument("--tucker-sweeps", type=int, default=0, metavar="N",
+                       help="HOOI sweeps refining the Tucker-2 HOSVD (default 0)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random feeds")
+
+
+def _compression_kwargs(args) -> dict:
+    if args.samples < 1:
+        raise LrdeployError("--samples must be >= 1")
+    return dict(rank=args.rank or "energy:0.9", method=args.method, only=args.only,
+                skip=args.skip, plan=args.plan, guard=not args.no_guard,
+                tucker_sweeps=args.tucker_sweeps, calib=args.calib, samples=args.samples,
+                min_fidelity=args.min_fidelity, seed=args.seed)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -69,34 +119,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(compress)
     compress.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
                           help="the compressed model (never the input path)")
-    compress.add_argument("--rank", default="energy:0.9", metavar="RULE",
-                          help=f"rank rule: {RULE_SYNTAX} (default energy:0.9)")
-    compress.add_argument("--method", default="auto", choices=METHOD_CHOICES,
-                          help="what k x k convs get: auto/tucker2 = Tucker-2, spatial = "
-                               "kh x 1 + 1 x kw, svd = left dense; matrices and 1x1 convs "
-                               "always use SVD (default auto)")
-    compress.add_argument("--only", action="append", default=[], metavar="PATTERN",
-                          help="factorize only sites whose name matches (shell pattern; repeat)")
-    compress.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                          help="leave sites whose name matches dense (shell pattern; repeat)")
-    compress.add_argument("--plan", metavar="FILE",
-                          help="apply a saved plan instead of --rank/--method/--only/--skip")
-    compress.add_argument("--save-plan", metavar="FILE", help="write the plan used as JSON")
-    compress.add_argument("--calib", metavar="NPZ",
-                          help="verification inputs keyed by input name (a stack of samples "
-                               "along a leading axis is fed one by one); default: random")
-    compress.add_argument("--samples", type=int, default=2,
-                          help="random feeds when there is no --calib (default 2)")
-    compress.add_argument("--min-fidelity", type=float, metavar="COSINE",
-                          help="fail and write nothing if an output's cosine similarity to the "
-                               "original is below this")
     compress.add_argument("--report", metavar="FILE", help="write the JSON report")
-    compress.add_argument("--no-guard", action="store_true",
-                          help="factorize even where ranks do not reduce params and FLOPs "
-                               "(e.g. --rank full to check exactness)")
-    compress.add_argument("--tucker-sweeps", type=int, default=0, metavar="N",
-                          help="HOOI sweeps refining the Tucker-2 HOSVD (default 0)")
-    compress.add_argument("--seed", type=int, default=0, help="seed of the random feeds")
+    compress.add_argument("--save-plan", metavar="FILE", help="write the plan used as JSON")
+    _add_compression_options(compress, default_rank="energy:0.9")
+
+    targets = commands.add_parser(
+        "targets", help="list the devices lrdeploy compiles for",
+        description="List the named devices (built in, plus those of --device-file) with their "
+                    "TVM target and the figures the latency model uses.")
+    targets.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
+    targets.add_argument("--prepare", action="append", default=[], metavar="TARGET",
+                         help="fetch the device's TVM runtime and build its runner now (repeat)")
+
+    compile_ = commands.add_parser(
+        "compile", help="compile ONNX (or compress, then compile) with TVM for a device",
+        description="Compile a model with TVM Relax (default pipeline, fusion on) for a named "
+                    "device into OUTDIR: the artifact (model.so, or model.tar if it cannot be "
+                    "linked here), model.onnx and manifest.json. With --rank or --plan the model "
+                    "is compressed first.")
+    _add_model_options(compile_)
+    compile_.add_argument("--target", default="host", help="device name (lrdeploy targets); "
+                                                          "default host")
+    compile_.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                          help="artifact folder (created; an earlier artifact there is replaced)")
+    compile_.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                          help="MetaSchedule trials (0 = untuned); the database is kept in "
+                               "OUTDIR/tuning and reused by the next compile. host only")
+    compile_.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
+    _add_compression_options(compile_, default_rank=None)
+
+    verify = commands.add_parser(
+        "verify", help="run a compiled artifact and compare it with onnxruntime",
+        description="Run OUTDIR's artifact (in-process for host, under qemu with --emulate for "
+                    "ARM targets) and onnxruntime on the ONNX it was built from, on the same "
+                    "inputs; fail when the relative L2 error exceeds --tolerance.")
+    verify.add_argument("outdir", metavar="OUTDIR")
+    verify.add_argument("--emulate", action="store_true",
+                        help="run an ARM artifact with the C++ runner under qemu-user")
+    verify.add_argument("--calib", metavar="NPZ", help="inputs (as for compress); default random")
+    verify.add_argument("--samples", type=int, default=2, help="random feeds (default 2)")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest relative L2 error accepted (default 1e-4)")
+
+    bundle = commands.add_parser(
+        "bundle", help="lay out runner + TVM runtime + artifact for a device without Python",
+        description="Copy the C++ runner, the device's TVM runtime libraries, the artifact, its "
+                    "manifest and a README into DEST, ready to copy to the board.")
+    bundle.add_argument("outdir", metavar="OUTDIR")
+    bundle.add_argument("dest", metavar="DEST", help="new folder to create")
     return parser
 
 
@@ -106,10 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     errors = Console(stderr=True)
     try:
-        shapes = parse_input_shapes(args.input_shape)
-        if args.command == "analyze":
-            return _analyze(args, shapes, console)
-        return _compress(args, shapes, console)
+        shapes = parse_input_shapes(getattr(args, "input_shape", None))
+        handlers = {"analyze": _analyze, "compress": _compress, "targets": _targets,
+                     "compile": _compile, "verify": _verify, "bundle": _bundle}
+        return handlers[args.command](args, shapes, console)
     except LrdeployError as exc:
         errors.print(f"lrdeploy: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
@@ -134,19 +205,63 @@ def _analyze(args, shapes, console: Console) -> int:
 
 
 def _compress(args, shapes, console: Console) -> int:
-    if args.samples < 1:
-        raise LrdeployError("--samples must be >= 1")
     with console.status("compressing (tracing, factorizing, verifying)"):
-        result = api.compress(
-            args.model, args.output, rank=args.rank, method=args.method, only=args.only,
-            skip=args.skip, plan=args.plan, guard=not args.no_guard,
-            tucker_sweeps=args.tucker_sweeps, calib=args.calib, samples=args.samples,
-            min_fidelity=args.min_fidelity, input_shapes=shapes, report=args.report,
-            save_plan=args.save_plan, seed=args.seed,
-        )
+        result = api.compress(args.model, args.output, input_shapes=shapes, report=args.report,
+                              save_plan=args.save_plan, **_compression_kwargs(args))
     print_compression(console, result.report)
     written = [p for p in (args.output, args.report, args.save_plan) if p]
     console.print(f"wrote {', '.join(written)}")
+    return 0
+
+
+def _targets(args, shapes, console: Console) -> int:
+    from lrdeploy.targets.devices import all_devices
+    from lrdeploy.targets.runner import runner_for
+
+    devices = all_devices(args.device_file)
+    print_devices(console, list(devices.values()))
+    for name in args.prepare:
+        if name not in devices:
+            raise LrdeployError(f"unknown target '{name}'; known targets: {', '.join(devices)}")
+        console.print(f"{name}: runner ready at {runner_for(devices[name])}")
+    return 0
+
+
+def _compile(args, shapes, console: Console) -> int:
+    from lrdeploy.deploy import compile_model
+
+    compress_options = _compression_kwargs(args) if args.rank or args.plan else None
+    with console.status("compiling") as status:
+        manifest = compile_model(
+            args.model, args.target, args.output, device_file=args.device_file,
+            input_shapes=shapes, tune_trials=args.tune_trials, compress_options=compress_options,
+            progress=lambda message: status.update(message),
+        )
+    print_manifest(console, args.output, manifest)
+    return 0
+
+
+def _verify(args, shapes, console: Console) -> int:
+    from lrdeploy.deploy import verify_artifact
+
+    with console.status("verifying") as status:
+        result = verify_artifact(args.outdir, emulate=args.emulate, calib=args.calib,
+                                 samples=args.samples, seed=args.seed,
+                                 progress=lambda message: status.update(message))
+    print_verification(console, result)
+    if result.max_relative_error > args.tolerance:
+        raise LrdeployError(f"{args.outdir}: relative error {result.max_relative_error:.3e} "
+                            f"exceeds --tolerance {args.tolerance:g}")
+    return 0
+
+
+def _bundle(args, shapes, console: Console) -> int:
+    from lrdeploy.deploy import bundle_artifact
+
+    with console.status("bundling (fetching the runtime and building the runner once)"):
+        dest = bundle_artifact(args.outdir, args.dest)
+    console.print(f"wrote {dest}: copy it to the device and run ./lrdeploy_runner "
+                  f"(see {dest / 'README.md'})")
     return 0
 
 

@@ -166,11 +166,46 @@ def print_compression(console: Console, report: dict) -> None:
         f"site FLOPs {_num(totals['site_flops_before'])} -> {_num(totals['site_flops_after'])}"
     )
     verification = report["verification"]
-    fidelity = Table(title=f"Verification on {verification['feed_source']}", title_justify="left")
+    print_fidelity(console, f"Verification on {verification['feed_source']}",
+                   verification["outputs"])
+
+
+def print_fidelity(console: Console, title: str, rows: Sequence[dict]) -> None:
+    table = Table(title=title, title_justify="left")
     for column in ("output", "max abs error", "relative L2", "cosine", "float32 noise floor"):
-        fidelity.add_column(column)
-    for row in verification["outputs"]:
-        fidelity.add_row(row["name"], f"{row['max_abs_error']:.3e}",
-                         f"{row['relative_l2_error']:.3e}", f"{row['cosine']:.6f}",
-                         f"{row['noise_floor']:.1e}")
-    console.print(fidelity)
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], f"{row['max_abs_error']:.3e}",
+                      f"{row['relative_l2_error']:.3e}", f"{row['cosine']:.6f}",
+                      f"{row['noise_floor']:.1e}")
+    console.print(table)
+
+
+def print_devices(console: Console, devices: Sequence) -> None:
+    table = Table(title="Targets", title_justify="left")
+    for column in ("name", "family", "triple", "cores", "GFLOP/s", "GB/s", "L2 KiB",
+                   "description"):
+        table.add_column(column)
+    for d in devices:
+        table.add_row(d.name, d.family, d.triple, str(d.cores), f"{d.peak_gflops:g}",
+                      f"{d.bandwidth_gbs:g}", str(d.l2_kib), d.description)
+    console.print(table)
+
+
+def print_manifest(console: Console, outdir: str | os.PathLike[str], manifest: dict) -> None:
+    device = manifest["device"]
+    inputs = ", ".join(f"{i['name']}={i['shape']}" for i in manifest["inputs"])
+    console.print(f"compiled for {device['name']} ({device['triple']}): "
+                  f"{os.path.join(outdir, manifest['artifact'])}")
+    console.print(f"inputs {inputs}; weights embedded {manifest['param_bytes']:,} bytes "
+                  f"(ONNX initializers {manifest['onnx_param_bytes']:,})")
+    for note in manifest["notes"]:
+        console.print(f"note: {note}")
+
+
+def print_verification(console: Console, result) -> None:
+    device = result.manifest["device"]
+    where = "emulated under qemu-user (no latency: emulated timings say nothing)" \
+        if result.emulated else "in-process"
+    print_fidelity(console, f"{device['name']} artifact vs onnxruntime, {where}, on "
+                            f"{result.feed_source}", [f.to_dict() for f in result.fidelity])

@@ -43,38 +43,53 @@ def check_onnx(model: ir.Model) -> None:
         raise LrdeployError(f"the compressed model fails the ONNX checker: {first}") from None
 
 
+def reference_outputs(
+    model: ir.Model, feeds: Sequence[runtime.Feeds]
+) -> tuple[list[str], list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Output names, and per feed the outputs of onnxruntime with and without graph rewrites."""
+    optimized = runtime.session(model)
+    plain = runtime.session(model, optimize=False)
+    names = [o.name for o in optimized.get_outputs()]
+    with_rewrites = [list(runtime.run(optimized, feed).values()) for feed in feeds]
+    without = [list(runtime.run(plain, feed).values()) for feed in feeds]
+    return names, with_rewrites, without
+
+
+def compare_outputs(
+    names: Sequence[str],
+    reference: Sequence[Sequence[np.ndarray]],
+    candidate: Sequence[Sequence[np.ndarray]],
+    unoptimized: Sequence[Sequence[np.ndarray]],
+) -> list[OutputFidelity]:
+    """Fidelity per output over all feeds (each argument: per feed, outputs in ``names`` order)."""
+    results = []
+    for index, name in enumerate(names):
+        ref, cand, plain = [], [], []
+        for feed_ref, feed_cand, feed_plain in zip(reference, candidate, unoptimized, strict=True):
+            if len(feed_cand) != len(names):
+                raise LrdeployError(f"expected {len(names)} outputs, got {len(feed_cand)}")
+            if feed_ref[index].shape != feed_cand[index].shape:
+                raise LrdeployError(f"output '{name}' changed shape: {feed_ref[index].shape} -> "
+                                    f"{feed_cand[index].shape}")
+            ref.append(np.asarray(feed_ref[index], np.float64).ravel())
+            cand.append(np.asarray(feed_cand[index], np.float64).ravel())
+            plain.append(np.asarray(feed_plain[index], np.float64).ravel())
+        ref_all = np.concatenate(ref)
+        measured = _fidelity(name, ref_all, np.concatenate(cand))
+        floor = _fidelity(name, ref_all, np.concatenate(plain)).relative_l2_error
+        results.append(OutputFidelity(name, measured.max_abs_error, measured.relative_l2_error,
+                                      measured.cosine, floor))
+    return results
+
+
 def compare(
     original: ir.Model, candidate: ir.Model, feeds: Sequence[runtime.Feeds]
 ) -> list[OutputFidelity]:
     """Fidelity of ``candidate`` against ``original``, output by output, over all feeds."""
-    reference_session = runtime.session(original)
-    unoptimized_session = runtime.session(original, optimize=False)
+    names, reference, unoptimized = reference_outputs(original, feeds)
     candidate_session = runtime.session(candidate)
-    names = [o.name for o in reference_session.get_outputs()]
-    reference = {name: [] for name in names}
-    unoptimized = {name: [] for name in names}
-    produced = {name: [] for name in names}
-    for feed in feeds:
-        ref_out = runtime.run(reference_session, feed)
-        plain_out = runtime.run(unoptimized_session, feed)
-        cand_out = runtime.run(candidate_session, feed)
-        for name in names:
-            if ref_out[name].shape != cand_out[name].shape:
-                raise LrdeployError(
-                    f"output '{name}' changed shape: {ref_out[name].shape} -> "
-                    f"{cand_out[name].shape}"
-                )
-            reference[name].append(ref_out[name].astype(np.float64).ravel())
-            unoptimized[name].append(plain_out[name].astype(np.float64).ravel())
-            produced[name].append(cand_out[name].astype(np.float64).ravel())
-    results = []
-    for name in names:
-        ref = np.concatenate(reference[name])
-        floor = _fidelity(name, ref, np.concatenate(unoptimized[name])).relative_l2_error
-        measured = _fidelity(name, ref, np.concatenate(produced[name]))
-        results.append(OutputFidelity(measured.name, measured.max_abs_error,
-                                      measured.relative_l2_error, measured.cosine, floor))
-    return results
+    produced = [list(runtime.run(candidate_session, feed).values()) for feed in feeds]
+    return compare_outputs(names, reference, produced, unoptimized)
 
 
 def _fidelity(name: str, a: np.ndarray, b: np.ndarray) -> OutputFidelity:

@@ -1,0 +1,286 @@
+"""Artifacts for devices: ``compile``, ``verify`` and ``bundle`` (TVM is imported lazily).
+
+An artifact folder (OUTDIR) holds the compiled model (``model.so``, or ``model.tar`` when it
+could not be linked here), the ONNX it was built from (``model.onnx``), and ``manifest.json``:
+the device row, input names / shapes / dtypes, output names, TVM version, the ONNX's SHA-256,
+the bytes of weights embedded in the artifact. The runner and the profiler read the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from lrdeploy import __version__, frontend, runtime
+from lrdeploy.api import compress, load
+from lrdeploy.errors import LrdeployError
+from lrdeploy.fileio import write_json
+from lrdeploy.targets.devices import Device, get_device
+from lrdeploy.verify import OutputFidelity, compare_outputs, reference_outputs
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "lrdeploy-artifact/1"
+MODEL_ONNX = "model.onnx"
+TUNING_DIR = "tuning"
+
+Progress = Callable[[str], None]
+
+
+def _family(device: Device) -> Any:
+    return importlib.import_module(f"lrdeploy.targets.{device.family}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(outdir: str | os.PathLike[str]) -> dict:
+    outdir = Path(outdir)
+    path = outdir / MANIFEST
+    if not outdir.is_dir():
+        raise LrdeployError(f"{outdir}: no such folder")
+    if not path.is_file():
+        raise LrdeployError(f"{outdir}: no {MANIFEST} (not an lrdeploy compile output)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise LrdeployError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise LrdeployError(f"{path}: not an lrdeploy manifest ({MANIFEST_FORMAT})")
+    return manifest
+
+
+def compile_model(
+    model: Any,
+    target: str,
+    outdir: str | os.PathLike[str],
+    *,
+    device_file: str | os.PathLike[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    tune_trials: int = 0,
+    compress_options: Mapping[str, Any] | None = None,
+    progress: Progress = lambda message: None,
+) -> dict:
+    """Compile ``model`` for the named device into ``outdir``; returns the manifest.
+
+    ``compress_options`` (keyword arguments of ``lrdeploy.compress``) compress the model first;
+    without them an ``.onnx`` is compiled as it is (a torch factory is traced). The folder is
+    staged beside ``outdir`` and renamed into place when complete; an earlier artifact there is
+    replaced, keeping its tuning database.
+    """
+    device = get_device(target, device_file)
+    family = _family(device)
+    outdir = Path(outdir)
+    if outdir.exists() and any(outdir.iterdir()) and not (outdir / MANIFEST).is_file():
+        raise LrdeployError(f"{outdir}: exists and is not an lrdeploy artifact folder; "
+                            "choose a new or empty folder")
+    if not outdir.parent.is_dir():
+        raise LrdeployError(f"{outdir}: parent folder {outdir.parent} does not exist")
+    if tune_trials < 0:
+        raise LrdeployError("--tune-trials must be >= 0")
+    if tune_trials and device.family != "host":
+        raise LrdeployError(f"tuning for '{device.name}' needs the device itself (RPC, in the "
+                            "profile command); without one, compile untuned (--tune-trials 0)")
+    if device.family == "arm_cpu" and not device.ndk:
+        from lrdeploy.targets.runner import require_tool
+
+        require_tool(device.cross_compiler, device.cross_compiler_package,
+                     f"linking for '{device.name}'")
+
+    with tempfile.TemporaryDirectory(prefix=f".{outdir.name}.", dir=outdir.parent) as tmp:
+        staged = Path(tmp) / "artifact"
+        staged.mkdir()
+        progress("loading the model")
+        onnx_path = staged / MODEL_ONNX
+        compression = None
+        if compress_options:
+            progress("compressing")
+            result = compress(model, onnx_path, input_shapes=input_shapes,
+                              report=staged / "compression.json",
+                              save_plan=staged / "plan.json", **compress_options)
+            compression = result.report["totals"]
+            onnx_model = result.model
+        else:
+            onnx_model = load(model, input_shapes=_torch_shapes(model, input_shapes)).original
+            ir.save(onnx_model, onnx_path)
+        onnx_shapes = input_shapes if _is_onnx_path(model) else None
+        specs = runtime.input_specs(onnx_model, onnx_shapes)
+
+        import tvm
+
+        from lrdeploy.targets import build
+
+        progress("importing into TVM Relax")
+        proto = ir.serde.serialize_model(onnx_model)
+        mod = build.import_onnx(proto, {s.name: s.shape for s in specs})
+        database = None
+        if tune_trials:
+            from lrdeploy.targets import tuning
+
+            database = staged / TUNING_DIR
+            if (outdir / TUNING_DIR).is_dir():
+                shutil.copytree(outdir / TUNING_DIR, database)
+            progress(f"tuning with MetaSchedule ({tune_trials} trials)")
+            tuning.tune(mod, device, database, tune_trials, progress)
+        progress(f"compiling for {device.name}")
+        lowered = build.lower(mod, device, database)
+        param_bytes = build.constant_bytes(lowered)
+        executable = build.build(lowered, device)
+        progress("linking")
+        artifact, notes = family.export(executable, staged, device)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "lrdeploy_version": __version__,
+            "tvm_version": tvm.__version__,
+            "device": device.to_dict(),
+            "artifact": artifact,
+            "linked": artifact.endswith(".so"),
+            "onnx": MODEL_ONNX,
+            "onnx_sha256": _sha256(onnx_path),
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)}
+                       for s in specs],
+            "outputs": [v.name for v in onnx_model.graph.outputs],
+            "param_bytes": param_bytes,
+            "onnx_param_bytes": _initializer_bytes(onnx_model),
+            "tuning": {"trials": tune_trials, "database": TUNING_DIR} if tune_trials else None,
+            "compression": compression,
+            "notes": notes,
+        }
+        write_json(staged / MANIFEST, manifest)
+        _swap_into_place(staged, outdir)
+    return manifest
+
+
+def _is_onnx_path(model: Any) -> bool:
+    return isinstance(model, str | os.PathLike) and str(model).endswith(".onnx")
+
+
+def _torch_shapes(model: Any, input_shapes) -> list | None:
+    if _is_onnx_path(model) or not input_shapes:
+        return None
+    return list(input_shapes.values())
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def _swap_into_place(staged: Path, outdir: Path) -> None:
+    if outdir.exists():
+        retired = staged.parent / "retired"
+        os.replace(outdir, retired)
+    os.replace(staged, outdir)
+
+
+@dataclass
+class VerifyResult:
+    manifest: dict
+    fidelity: list[OutputFidelity]
+    feed_source: str
+    emulated: bool
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((f.relative_l2_error for f in self.fidelity), default=0.0)
+
+
+def verify_artifact(
+    outdir: str | os.PathLike[str],
+    *,
+    emulate: bool = False,
+    calib: str | os.PathLike[str] | None = None,
+    samples: int = 2,
+    seed: int = 0,
+    progress: Progress = lambda message: None,
+) -> VerifyResult:
+    """Run the artifact and onnxruntime (on the ONNX it was built from) on the same feeds."""
+    outdir = Path(outdir)
+    manifest = read_manifest(outdir)
+    onnx_path = outdir / manifest["onnx"]
+    if _sha256(onnx_path) != manifest["onnx_sha256"]:
+        raise LrdeployError(f"{onnx_path}: changed since it was compiled (hash mismatch)")
+    model = frontend.load_onnx(onnx_path)
+    shapes = {spec["name"]: spec["shape"] for spec in manifest["inputs"]}
+    specs = runtime.input_specs(model, shapes)
+    if calib is not None:
+        feeds = runtime.load_calibration(calib, specs)
+        for feed in feeds:
+            for spec in specs:
+                if tuple(feed[spec.name].shape) != spec.shape:
+                    raise LrdeployError(f"{calib}: '{spec.name}' has shape "
+                                        f"{list(feed[spec.name].shape)}; the artifact was "
+                                        f"compiled for {list(spec.shape)}")
+        feed_source = f"{len(feeds)} feed(s) from {calib}"
+    else:
+        feeds = [runtime.random_inputs(model, specs, seed + i) for i in range(samples)]
+        feed_source = f"{samples} random feed(s), seed {seed}"
+    progress("running onnxruntime")
+    names, reference, unoptimized = reference_outputs(model, feeds)
+    device = Device(**manifest["device"])
+    progress(f"running the artifact{' under ' + str(device.emulator) if emulate else ''}")
+    produced = _family(device).run(outdir, manifest, feeds, emulate)
+    fidelity = compare_outputs(names, reference, produced, unoptimized)
+    return VerifyResult(manifest, fidelity, feed_source, emulate and device.family != "host")
+
+
+BUNDLE_README = """# {name}: lrdeploy artifact for {device}
+
+Copy this folder to the device and run:
+
+    ./lrdeploy_runner model.so -i input0.npy [-i input1.npy ...] -o outputs --runs 20
+
+Inputs, in this order ({count}): {inputs}
+Each is an .npy file, or raw little-endian data given as PATH@DIMS:DTYPE
+(e.g. x.bin@1x3x224x224:float32).
+Outputs are written as outputs/output_K.npy in the order {outputs}; the last line printed is JSON
+with the median / min / max latency in ms over --runs runs after --warmup runs.
+The runner needs only lib/ beside it (TVM {tvm} runtime, found through its rpath).
+"""
+
+
+def bundle_artifact(outdir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Lay out runner + runtime libraries + artifact + README for a device with no Python."""
+    from lrdeploy.targets import runner as deploy_runner
+
+    outdir, dest = Path(outdir), Path(dest)
+    manifest = read_manifest(outdir)
+    device = Device(**manifest["device"])
+    if device.family == "host" or not device.runner_compiler:
+        raise LrdeployError(f"target '{device.name}' has no deployable runner (host artifacts "
+                            "run in-process: lrdeploy verify)")
+    if not manifest["linked"]:
+        raise LrdeployError(f"{outdir}: {manifest['artifact']} is not linked; bundle needs "
+                            "model.so")
+    if dest.exists():
+        raise LrdeployError(f"{dest}: already exists; choose a new folder")
+    runner = deploy_runner.runner_for(device)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
+        staged = Path(tmp) / "bundle"
+        (staged / "lib").mkdir(parents=True)
+        shutil.copy2(runner, staged / deploy_runner.RUNNER)
+        for lib in deploy_runner.RUNTIME_LIBS:
+            shutil.copy2(runner.parent / "lib" / lib, staged / "lib" / lib)
+        for name in (manifest["artifact"], MANIFEST, manifest["onnx"]):
+            shutil.copy2(outdir / name, staged / name)
+        inputs = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in manifest["inputs"])
+        (staged / "README.md").write_text(BUNDLE_README.format(
+            name=outdir.name, device=device.description, count=len(manifest["inputs"]),
+            inputs=inputs, outputs=", ".join(manifest["outputs"]), tvm=manifest["tvm_version"]))
+        os.replace(staged, dest)
+    return dest

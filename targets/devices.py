@@ -1,0 +1,151 @@
+"""The devices lrdeploy compiles for: a table of rows, one per named device.
+
+Adding a device means adding a row here or in a user's ``--device-file`` (TOML or JSON with the
+same fields), never a code path. ``family`` names the module in ``lrdeploy.targets`` that knows how
+to link and run artifacts for that kind of device; everything else is data.
+
+Figures are nominal (vendor clocks x SIMD width, memory interface peak): the analytic latency
+model uses them when a device cannot be measured, and reports its results as estimates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from lrdeploy.errors import LrdeployError
+
+_AARCH64_LINUX = {
+    "family": "arm_cpu",
+    "triple": "aarch64-linux-gnu",
+    "cross_compiler": "aarch64-linux-gnu-gcc",
+    "cross_compiler_package": "gcc-aarch64-linux-gnu",
+    "runner_compiler": "aarch64-linux-gnu-g++",
+    "runner_compiler_package": "g++-aarch64-linux-gnu",
+    "runtime_platform": "manylinux_2_28_aarch64",
+    "emulator": "qemu-aarch64-static",
+    "emulator_package": "qemu-user-static",
+    "sysroot": "/usr/aarch64-linux-gnu",
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    """One named device. ``tvm_target`` is TVM's dict form (the string form is refused)."""
+
+    name: str
+    description: str
+    family: str
+    tvm_target: dict[str, Any]
+    triple: str
+    cores: int
+    peak_gflops: float
+    bandwidth_gbs: float
+    l2_kib: int
+    cross_compiler: str | None = None
+    cross_compiler_package: str | None = None
+    ndk: bool = False
+    runner_compiler: str | None = None
+    runner_compiler_package: str | None = None
+    runtime_platform: str | None = None
+    emulator: str | None = None
+    emulator_package: str | None = None
+    sysroot: str | None = None
+    rpc_key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _row(name: str, description: str, **values: Any) -> Device:
+    return Device(name=name, description=description, **values)
+
+
+BUILTIN_DEVICES: dict[str, Device] = {
+    d.name: d
+    for d in [
+        _row("host", "this machine (x86-64 or aarch64 Linux), artifacts run in-process",
+             family="host", tvm_target={"kind": "llvm", "mcpu": "native"}, triple="native",
+             cores=os.cpu_count() or 1, peak_gflops=100.0, bandwidth_gbs=20.0, l2_kib=512),
+        _row("rpi4", "Raspberry Pi 4: 4x Cortex-A72 @ 1.5 GHz, NEON, LPDDR4",
+             tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
+                         "mattr": ["+neon"], "num-cores": 4},
+             cores=4, peak_gflops=48.0, bandwidth_gbs=4.0, l2_kib=1024, rpc_key="rpi4",
+             **_AARCH64_LINUX),
+        _row("rpi5", "Raspberry Pi 5: 4x Cortex-A76 @ 2.4 GHz, NEON + dotprod, LPDDR4X",
+             tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+                         "mattr": ["+neon", "+v8.2a", "+dotprod", "+fullfp16"], "num-cores": 4},
+             cores=4, peak_gflops=153.6, bandwidth_gbs=17.0, l2_kib=512, rpc_key="rpi5",
+             **_AARCH64_LINUX),
+        _row("android-arm64", "Android phone big core (armv8.2-a, Pixel class): 4 cores",
+             family="arm_cpu",
+             tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-android", "mcpu": "cortex-a76",
+                         "mattr": ["+neon", "+v8.2a", "+dotprod", "+fullfp16"], "num-cores": 4},
+             triple="aarch64-linux-android", ndk=True, cores=4, peak_gflops=180.0,
+             bandwidth_gbs=25.0, l2_kib=512, rpc_key="android"),
+        _row("jetson-orin-cpu", "NVIDIA Jetson AGX Orin CPU: 12x Cortex-A78AE @ 2.2 GHz",
+             tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae",
+                         "mattr": ["+neon", "+v8.2a", "+dotprod", "+fullfp16"], "num-cores": 12},
+             cores=12, peak_gflops=422.4, bandwidth_gbs=204.8, l2_kib=256,
+             rpc_key="jetson-orin", **_AARCH64_LINUX),
+    ]
+}
+
+REQUIRED_FIELDS = [f.name for f in fields(Device)
+                   if f.default is MISSING and f.default_factory is MISSING]
+FAMILIES = ("host", "arm_cpu")
+
+
+def load_device_file(path: str | os.PathLike[str]) -> dict[str, Device]:
+    """Devices from a TOML or JSON file: a table (object) of rows keyed by device name."""
+    path = Path(path)
+    if not path.is_file():
+        raise LrdeployError(f"{path}: no such file")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LrdeployError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'} "
+                            f"({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise LrdeployError(f"{path}: expected a table of devices keyed by name")
+    known = {f.name for f in fields(Device)}
+    devices = {}
+    for name, row in data.items():
+        if not isinstance(row, dict):
+            raise LrdeployError(f"{path}: device '{name}' is not a table")
+        values = {"name": name, **row}
+        missing = [f for f in REQUIRED_FIELDS if f not in values]
+        if missing:
+            raise LrdeployError(f"{path}: device '{name}' lacks field(s) {', '.join(missing)}")
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LrdeployError(f"{path}: device '{name}' has unknown field(s) "
+                                f"{', '.join(unknown)}")
+        if not isinstance(values["tvm_target"], dict) or "kind" not in values["tvm_target"]:
+            raise LrdeployError(f"{path}: device '{name}': tvm_target must be a table with 'kind'")
+        if values["family"] not in FAMILIES:
+            raise LrdeployError(f"{path}: device '{name}': family must be one of "
+                                f"{', '.join(FAMILIES)}")
+        devices[name] = Device(**values)
+    return devices
+
+
+def all_devices(device_file: str | os.PathLike[str] | None = None) -> dict[str, Device]:
+    devices = dict(BUILTIN_DEVICES)
+    if device_file is not None:
+        devices.update(load_device_file(device_file))
+    return devices
+
+
+def get_device(name: str, device_file: str | os.PathLike[str] | None = None) -> Device:
+    devices = all_devices(device_file)
+    if name not in devices:
+        raise LrdeployError(f"unknown target '{name}'; known targets: {', '.join(devices)}")
+    return devices[name]
