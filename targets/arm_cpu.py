@@ -45,14 +45,14 @@ def export(executable: Any, outdir: Path, device: Device) -> tuple[str, list[str
 def run(outdir: Path, manifest: dict, feeds: list[Feeds], emulate: bool) -> list[list[np.ndarray]]:
     """Outputs for each feed from the runner under qemu (``emulate`` must be set)."""
     device = Device(**manifest["device"])
+    if manifest["artifact"] != "model.so":
+        raise LrdeployError(f"{outdir}: {manifest['artifact']} is not linked; nothing to run")
     if not emulate:
         raise LrdeployError(f"{outdir}: the artifact is for {device.triple}; run it with --emulate "
                             "(qemu) or on the device")
     if not device.emulator:
         raise LrdeployError(f"{outdir}: target '{device.name}' cannot be emulated here (no "
                             "emulator in its device row)")
-    if manifest["artifact"] != "model.so":
-        raise LrdeployError(f"{outdir}: {manifest['artifact']} is not linked; nothing to run")
     runner = deploy_runner.runner_for(device)
     names = [spec["name"] for spec in manifest["inputs"]]
     results = []

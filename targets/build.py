@@ -19,10 +19,16 @@ from lrdeploy.errors import LrdeployError
 
 
 def tvm_target(device: Device) -> Any:
+    """TVM's Target for the row; ``"mcpu": "native"`` means the CPU this process runs on (LLVM
+    itself refuses "native" and would fall back to a generic CPU without AVX)."""
     import tvm
+    from tvm.target import codegen
 
+    config = dict(device.tvm_target)
+    if config.get("mcpu") == "native":
+        config["mcpu"] = codegen.llvm_get_system_cpu()
     try:
-        return tvm.target.Target(device.tvm_target)
+        return tvm.target.Target(config)
     except Exception as exc:
         raise LrdeployError(f"target '{device.name}': TVM refuses its tvm_target "
                             f"{device.tvm_target}: {str(exc).splitlines()[0]}") from None

@@ -71,7 +71,8 @@ BUILTIN_DEVICES: dict[str, Device] = {
     d.name: d
     for d in [
         _row("host", "this machine (x86-64 or aarch64 Linux), artifacts run in-process",
-             family="host", tvm_target={"kind": "llvm", "mcpu": "native"}, triple="native",
+             family="host", triple="native",
+             tvm_target={"kind": "llvm", "mcpu": "native", "num-cores": os.cpu_count() or 1},
              cores=os.cpu_count() or 1, peak_gflops=100.0, bandwidth_gbs=20.0, l2_kib=512),
         _row("rpi4", "Raspberry Pi 4: 4x Cortex-A72 @ 1.5 GHz, NEON, LPDDR4",
              tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",

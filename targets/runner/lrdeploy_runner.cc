@@ -20,8 +20,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -31,8 +33,15 @@ namespace ffi = tvm::ffi;
 
 namespace {
 
+// TVM's kernels assume 64-byte aligned tensors (vector loads); malloc gives only 16.
+constexpr size_t kAlignment = 64;
+
 struct CPUAlloc {
-  void AllocData(DLTensor* t) { t->data = std::malloc(std::max<size_t>(ffi::GetDataSize(*t), 1)); }
+  void AllocData(DLTensor* t) {
+    size_t bytes = std::max<size_t>(ffi::GetDataSize(*t), 1);
+    t->data = std::aligned_alloc(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
+    if (t->data == nullptr) throw std::bad_alloc();
+  }
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
 
@@ -189,7 +198,8 @@ int main(int argc, char** argv) {
     else return Usage();
   }
   try {
-    ffi::Module lib = ffi::Module::LoadFromFile(model);
+    // dlopen searches the library path for a bare file name; the user means this folder.
+    ffi::Module lib = ffi::Module::LoadFromFile(std::filesystem::absolute(model).string());
     ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
     // device type, device id, allocator (2 = pooled), as relax.VirtualMachine does for a CPU.
     vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);
