@@ -39,3 +39,19 @@ def flatten_outputs(out: Any) -> list[np.ndarray]:
     if hasattr(out, "numpy"):
         return [out.numpy()]
     return [array for item in out for array in flatten_outputs(item)]
+
+
+def time_artifact(
+    outdir: Path, manifest: dict, feed: Feeds, number: int, repeat: int
+) -> list[float]:
+    """Seconds per call of the artifact's ``main``, ``repeat`` samples of ``number`` calls each
+    (TVM's ``time_evaluator``, after one warm-up call)."""
+    import tvm
+    from tvm import relax
+
+    device = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / manifest["artifact"])), device)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feed[spec["name"]]), device)
+            for spec in manifest["inputs"]]
+    evaluator = vm.time_evaluator("main", device, number=number, repeat=repeat)
+    return list(evaluator(*args).results)

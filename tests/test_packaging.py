@@ -39,3 +39,4 @@ def test_wheel_contains_and_imports_passes_and_targets(tmp_path):
     assert Path(passes_file).is_relative_to(site) and Path(targets_file).is_relative_to(site)
     assert tvm_imported == "False"
     assert (site / "bin" / "lrdeploy").exists()
+    assert (site / "lrdeploy" / "targets" / "runner" / "lrdeploy_runner.cc").is_file()
