@@ -23,12 +23,11 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import EXAMPLES, package_file  # noqa: E402
-from lrdeploy.targets.host import time_artifact  # noqa: E402
-
 import lrdeploy  # noqa: E402
+from conftest import EXAMPLES, package_file  # noqa: E402
 from lrdeploy import runtime  # noqa: E402
 from lrdeploy.deploy import compile_model  # noqa: E402
+from lrdeploy.targets.host import time_artifact  # noqa: E402
 
 MODELS = {
     "MiniLM-L3 (seq 32)": dict(

@@ -18,6 +18,7 @@ from lrdeploy.report import (
     print_compression,
     print_devices,
     print_manifest,
+    print_profile,
     print_verification,
 )
 
@@ -43,6 +44,23 @@ def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]
         shapes[name if sep else f"#{position}"] = shape
     return shapes
 
+
+PROFILE_DESCRIPTION = """\
+Time compiled artifacts (and .onnx models on onnxruntime) locally, or on a device that runs a
+TVM RPC server: directly (--rpc HOST:PORT) or through a TVM tracker that shares a pool of
+devices (--tracker HOST:PORT --key KEY). Reports median, p90, min, max and stddev in ms, and
+checks the outputs fetched from the device against onnxruntime.
+
+A TVM RPC server on a Raspberry Pi (64-bit Raspberry Pi OS / Debian, Python 3.11):
+    pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy psutil cloudpickle
+    TVM_USE_RUNTIME_LIB=1 python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090
+    # or register with a tracker (python -m tvm.exec.rpc_tracker --port 9190 on a host):
+    ... rpc_server --tracker TRACKER_HOST:9190 --key rpi4
+  (the aarch64 wheels are on PyPI; only the runtime is loaded; bind 0.0.0.0 only on a
+  network you trust, the server runs whatever it is sent)
+On an Android phone: build and install TVM's Android RPC app (apps/android_rpc in the TVM
+sources), point it at your tracker with a key, then profile with --tracker HOST:9190 --key KEY.
+"""
 
 DEVICE_FILE_HELP = ("TOML or JSON table of extra devices keyed by name, with the fields of the "
                     "built-in rows (lrdeploy targets --json shows them)")
@@ -169,6 +187,33 @@ def build_parser() -> argparse.ArgumentParser:
                     "manifest and a README into DEST, ready to copy to the board.")
     bundle.add_argument("outdir", metavar="OUTDIR")
     bundle.add_argument("dest", metavar="DEST", help="new folder to create")
+    profile = commands.add_parser(
+        "profile", help="measure latency locally or on a device over TVM RPC / a tracker",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=PROFILE_DESCRIPTION)
+    profile.add_argument("items", nargs="+", metavar="OUTDIR|MODEL",
+                         help="artifact folders (lrdeploy compile) or .onnx files; several are "
+                              "timed side by side, ratios against the first")
+    profile.add_argument("--runtime", action="append", choices=["tvm", "ort"],
+                         help="tvm (the compiled artifact; an .onnx is compiled for --target "
+                              "first) and/or ort (onnxruntime, local); repeat for both "
+                              "(default tvm)")
+    profile.add_argument("--target", default="host", help="device for compiling .onnx items")
+    profile.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
+    profile.add_argument("--input-shape", action="append", metavar="SHAPE", help=SHAPE_HELP)
+    profile.add_argument("--rpc", metavar="HOST:PORT", help="a TVM RPC server on the device")
+    profile.add_argument("--tracker", metavar="HOST:PORT",
+                         help="a TVM RPC tracker; needs --key")
+    profile.add_argument("--key", help="device key registered with the tracker")
+    profile.add_argument("--emulated", action="store_true",
+                         help="the RPC device is an emulator: its timings are labelled so")
+    profile.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
+    profile.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    profile.add_argument("--threads", type=int, help="runtime threads (default: the runtime's)")
+    profile.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                         help="RPC session and tracker request timeout (default 120)")
+    profile.add_argument("--json", metavar="FILE", help="write every raw figure as JSON "
+                                                        "(also when a fault stops the run)")
     return parser
 
 
@@ -180,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shapes = parse_input_shapes(getattr(args, "input_shape", None))
         handlers = {"analyze": _analyze, "compress": _compress, "targets": _targets,
-                     "compile": _compile, "verify": _verify, "bundle": _bundle}
+                     "compile": _compile, "verify": _verify, "bundle": _bundle,
+                     "profile": _profile}
         return handlers[args.command](args, shapes, console)
     except LrdeployError as exc:
         errors.print(f"lrdeploy: error: {exc}", markup=False, highlight=False, soft_wrap=True)
@@ -269,6 +315,26 @@ def _bundle(args, shapes, console: Console) -> int:
         dest = bundle_artifact(args.outdir, args.dest)
     console.print(f"wrote {dest}: copy it to the device and run ./lrdeploy_runner "
                   f"(see {dest / 'README.md'})")
+    return 0
+
+
+def _profile(args, shapes, console: Console) -> int:
+    from lrdeploy.profile import profile
+
+    with console.status("profiling") as status:
+        result = profile(
+            args.items, target=args.target, runtimes=args.runtime or ["tvm"], rpc=args.rpc,
+            tracker=args.tracker, key=args.key, runs=args.runs, warmup=args.warmup,
+            threads=args.threads, timeout_s=args.timeout, emulated=args.emulated,
+            device_file=args.device_file, input_shapes=shapes,
+            progress=lambda message: status.update(message),
+        )
+    print_profile(console, result.to_dict())
+    if args.json:
+        write_json(args.json, result.to_dict())
+        console.print(f"wrote {args.json}")
+    if result.failed:
+        raise LrdeployError(result.failed[0].error)
     return 0
 
 

@@ -209,3 +209,25 @@ def print_verification(console: Console, result) -> None:
         if result.emulated else "in-process"
     print_fidelity(console, f"{device['name']} artifact vs onnxruntime, {where}, on "
                             f"{result.feed_source}", [f.to_dict() for f in result.fidelity])
+
+
+def print_profile(console: Console, data: dict) -> None:
+    emulated = " (EMULATED: timings say nothing about a real board)" \
+        if data["device"].get("emulated") else ""
+    table = Table(title=f"Latency, ms{emulated}", title_justify="left")
+    for column in ("model", "runtime", "where", "runs", "median", "p90", "min", "max", "stddev",
+                   "vs first", "max rel. error"):
+        table.add_column(column)
+
+    def fmt(value: float | None, pattern: str = "{:.3f}") -> str:
+        return "-" if value is None else pattern.format(value)
+
+    for row in data["timings"]:
+        where = row["where"] + (" [emulated]" if row["emulated"] else "")
+        table.add_row(
+            os.path.basename(row["model"].rstrip("/")), row["runtime"], where,
+            str(len(row["samples_ms"])), fmt(row["median_ms"]), fmt(row["p90_ms"]),
+            fmt(row["min_ms"]), fmt(row["max_ms"]), fmt(row["stddev_ms"]),
+            fmt(row["ratio_to_first"], "{:.2f}x"), fmt(row["max_relative_error"], "{:.1e}"),
+        )
+    console.print(table)

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
 
 from lrdeploy.decompositions import spatial_svd, spatial_unfolding
+from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
 from lrdeploy.sites import Site
 
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from lrdeploy.passes.base import Cost, Factorization, add_initializer, replace_node
 
 from lrdeploy.decompositions import svd_factors
+from lrdeploy.passes.base import Cost, Factorization, add_initializer, replace_node
 from lrdeploy.sites import Site
 
 

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
 
 from lrdeploy.decompositions import tucker2
+from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
 from lrdeploy.sites import Site
 
 

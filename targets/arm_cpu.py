@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lrdeploy.targets import runner as deploy_runner
-from lrdeploy.targets.devices import Device
 
 from lrdeploy.errors import LrdeployError
 from lrdeploy.runtime import Feeds
+from lrdeploy.targets import runner as deploy_runner
+from lrdeploy.targets.devices import Device
 
 NDK_NOTE = ("ANDROID_NDK_HOME is not set: wrote model.tar (object files) instead of model.so; "
             "link it on your side with the NDK: set ANDROID_NDK_HOME and run lrdeploy compile "

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from lrdeploy.targets.devices import Device
 
 from lrdeploy.errors import LrdeployError
+from lrdeploy.targets.devices import Device
 
 
 def tvm_target(device: Device) -> Any:

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lrdeploy.targets.devices import Device
 
 from lrdeploy.runtime import Feeds
+from lrdeploy.targets.devices import Device
 
 ARTIFACT = "model.so"
 

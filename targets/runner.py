@@ -18,9 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from lrdeploy.targets.devices import Device
-
 from lrdeploy.errors import LrdeployError
+from lrdeploy.targets.devices import Device
 
 RUNNER_SOURCE = Path(__file__).with_name("runner") / "lrdeploy_runner.cc"
 RUNNER = "lrdeploy_runner"

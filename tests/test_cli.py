@@ -6,8 +6,9 @@ import json
 
 import onnx
 import pytest
-from conftest import make_model, run_cli, tensor_value, weight
 from onnx import helper
+
+from conftest import make_model, run_cli, tensor_value, weight
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLES, package_file, run_cli
 
 import lrdeploy
+from conftest import EXAMPLES, package_file, run_cli
 from lrdeploy.deploy import bundle_artifact, compile_model, read_manifest, verify_artifact
 from lrdeploy.errors import LrdeployError
 

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import make_model, tensor_value, weight
 from onnx import helper, numpy_helper
 
 import lrdeploy
+from conftest import make_model, tensor_value, weight
 from lrdeploy import frontend
 from lrdeploy.errors import LrdeployError
 from lrdeploy.sites import find_sites

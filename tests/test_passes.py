@@ -6,10 +6,10 @@ from collections import Counter
 
 import onnx
 import pytest
-from conftest import make_model, tensor_value, weight
 from onnx import helper
 
 import lrdeploy
+from conftest import make_model, tensor_value, weight
 
 
 def _conv(name, x, w, out, **attrs):

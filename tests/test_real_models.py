@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import EXAMPLES, REPO, package_file, run_cli
 
 import lrdeploy
+from conftest import EXAMPLES, REPO, package_file, run_cli
 
 pytestmark = pytest.mark.slow
 MOBILENET = f"{EXAMPLES / 'mobilenet_v2.py'}:mobilenet_v2"

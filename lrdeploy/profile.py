@@ -1,0 +1,305 @@
+"""Latency where the model will run: locally, or on a device over TVM RPC (direct or tracker).
+
+Each configuration (a model on a runtime at a place) is warmed up, then timed ``runs`` times;
+samples are collected one at a time so that a device lost mid-run still leaves the samples
+measured before the fault in the result. TVM samples come from ``time_evaluator`` (on the device
+itself for RPC); onnxruntime samples are wall time around ``InferenceSession.run`` locally.
+Timings taken on an emulated device are labelled as such: they say nothing about a real board.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lrdeploy import frontend, runtime
+from lrdeploy.errors import LrdeployError
+
+RUNTIMES = ("tvm", "ort")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Timing:
+    """One configuration: which model, on which runtime, where; its samples in ms."""
+
+    model: str
+    runtime: str
+    where: str
+    emulated: bool = False
+    samples_ms: list[float] = field(default_factory=list)
+    error: str | None = None
+    max_relative_error: float | None = None  # outputs vs onnxruntime, when fetched
+    device_threads: int | None = None  # as the TVM runtime on the device reports it
+
+    def stats(self) -> dict[str, float | None]:
+        s = sorted(self.samples_ms)
+        if not s:
+            return dict.fromkeys(("median_ms", "p90_ms", "min_ms", "max_ms", "stddev_ms"))
+        return {
+            "median_ms": statistics.median(s),
+            "p90_ms": s[min(len(s) - 1, int(np.ceil(0.9 * len(s))) - 1)],
+            "min_ms": s[0],
+            "max_ms": s[-1],
+            "stddev_ms": statistics.pstdev(s),
+        }
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), **self.stats()}
+
+
+@dataclass
+class ProfileResult:
+    timings: list[Timing]
+    device: dict[str, Any]
+
+    @property
+    def failed(self) -> list[Timing]:
+        return [t for t in self.timings if t.error]
+
+    def to_dict(self) -> dict:
+        baseline = next((t.stats()["median_ms"] for t in self.timings if t.samples_ms), None)
+        rows = []
+        for timing in self.timings:
+            row = timing.to_dict()
+            median = row["median_ms"]
+            row["ratio_to_first"] = median / baseline if median and baseline else None
+            rows.append(row)
+        return {"device": self.device, "timings": rows}
+
+
+def _parse_address(text: str, option: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise LrdeployError(f"{option} {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+class _Place:
+    """Where TVM artifacts run: this process, an RPC server, or a device from a tracker."""
+
+    def __init__(self, rpc: str | None, tracker: str | None, key: str | None,
+                 timeout_s: float) -> None:
+        self.rpc, self.tracker, self.key, self.timeout_s = rpc, tracker, key, timeout_s
+        if tracker and not key:
+            raise LrdeployError("--tracker needs --key (the device kind to request)")
+        if rpc and tracker:
+            raise LrdeployError("give --rpc or --tracker, not both")
+        self.label = (f"rpc {rpc}" if rpc else f"tracker {tracker} key {key}" if tracker
+                      else "local")
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.rpc or self.tracker)
+
+    def connect(self) -> Any:
+        """An RPC session (remote) or None (local)."""
+        from tvm import rpc
+
+        if self.rpc:
+            host, port = _parse_address(self.rpc, "--rpc")
+            try:
+                return rpc.connect(host, port, session_timeout=int(self.timeout_s))
+            except Exception as exc:
+                raise LrdeployError(f"cannot reach the RPC server at {self.rpc}: "
+                                    f"{_reason(exc)}") from None
+        if self.tracker:
+            return self._request_from_tracker()
+        return None
+
+    def _request_from_tracker(self) -> Any:
+        from tvm import rpc
+
+        host, port = _parse_address(self.tracker, "--tracker")
+        try:
+            tracker = rpc.connect_tracker(host, port)
+            summary = tracker.summary()
+        except Exception as exc:
+            raise LrdeployError(f"cannot reach the RPC tracker at {self.tracker}: "
+                                f"{_reason(exc)}") from None
+        keys = sorted(summary.get("queue_info", {}))
+        if self.key not in keys:
+            raise LrdeployError(f"no device with key '{self.key}' is registered at "
+                                f"{self.tracker}; registered keys: {', '.join(keys) or 'none'}")
+        box: dict[str, Any] = {}
+
+        def request() -> None:
+            try:
+                box["session"] = tracker.request(self.key, priority=1,
+                                                 session_timeout=int(self.timeout_s))
+            except Exception as exc:  # reported by the waiting thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=request, daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise LrdeployError(f"no free '{self.key}' device at {self.tracker} within "
+                                f"{self.timeout_s:g} s (all busy?)")
+        if "error" in box:
+            raise LrdeployError(f"the tracker at {self.tracker} could not give a '{self.key}' "
+                                f"device: {_reason(box['error'])}")
+        return box["session"]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, ConnectionRefusedError) or "Connection refused" in text or \
+            ("Connect to" in text and "failed" in text):
+        return "connection refused (is the server running and listening there?)"
+    if isinstance(exc, socket.timeout | TimeoutError):
+        return "timed out"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, runs: int,
+              warmup: int, threads: int | None, timing: Timing, progress: Progress) -> list:
+    """Fill ``timing`` with samples; returns the outputs of one run (fetched from the device)."""
+    import tvm
+    from tvm import relax
+
+    from lrdeploy.targets.host import flatten_outputs
+
+    session = place.connect()
+    try:
+        if session is None:
+            device = tvm.cpu()
+            library = tvm.runtime.load_module(str(outdir / manifest["artifact"]))
+            config_threads = tvm.get_global_func("runtime.config_threadpool")
+        else:
+            progress(f"uploading {manifest['artifact']} to {place.label}")
+            session.upload(str(outdir / manifest["artifact"]))
+            library = session.load_module(manifest["artifact"])
+            device = session.cpu()
+            config_threads = session.get_function("runtime.config_threadpool")
+        if threads:
+            config_threads(1, threads)
+        timing.device_threads = int((session.get_function("runtime.NumThreads") if session
+                                     else tvm.get_global_func("runtime.NumThreads"))())
+        vm = relax.VirtualMachine(library, device)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feed[spec["name"]]), device)
+                for spec in manifest["inputs"]]
+        vm.set_input("main", *args)
+        vm.invoke_stateful("main")
+        outputs = flatten_outputs(vm.get_outputs("main"))
+        for _ in range(max(warmup - 1, 0)):
+            vm.invoke_stateful("main")
+        evaluator = vm.time_evaluator("main", device, number=1, repeat=1)
+        for index in range(runs):
+            progress(f"tvm run {index + 1}/{runs} ({place.label})")
+            timing.samples_ms.append(evaluator(*args).results[0] * 1e3)
+        return outputs
+    except LrdeployError:
+        raise
+    except Exception as exc:
+        raise LrdeployError(f"the run on {place.label} failed after {len(timing.samples_ms)} "
+                            f"of {runs} samples: {_reason(exc)}") from None
+
+
+def _time_ort(model_path: Path, feed: runtime.Feeds, runs: int, warmup: int,
+              threads: int | None, timing: Timing, progress: Progress) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(warmup):
+        session.run(None, feed)
+    for index in range(runs):
+        progress(f"onnxruntime run {index + 1}/{runs}")
+        start = time.perf_counter()
+        session.run(None, feed)
+        timing.samples_ms.append((time.perf_counter() - start) * 1e3)
+
+
+def profile(
+    items: Sequence[str | os.PathLike[str]],
+    *,
+    target: str = "host",
+    runtimes: Sequence[str] = ("tvm",),
+    rpc: str | None = None,
+    tracker: str | None = None,
+    key: str | None = None,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    timeout_s: float = 120.0,
+    emulated: bool = False,
+    device_file: str | os.PathLike[str] | None = None,
+    input_shapes: dict | None = None,
+    seed: int = 0,
+    progress: Progress = lambda message: None,
+) -> ProfileResult:
+    """Time each item (an artifact folder from ``compile``, or an ``.onnx``) on each runtime.
+
+    A fault (unreachable server, device lost, timeout) stops the profile: the timings measured
+    so far are kept, the failing one carries the error, and the result's ``failed`` is not empty.
+    ``emulated`` says the RPC device is an emulator (its timings are labelled so).
+    """
+    from lrdeploy.deploy import MANIFEST, compile_model, read_manifest
+    from lrdeploy.verify import compare_outputs, reference_outputs
+
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown or not runtimes:
+        raise LrdeployError(f"--runtime must be one of {', '.join(RUNTIMES)}")
+    if runs < 1 or warmup < 0:
+        raise LrdeployError("--runs must be >= 1 and --warmup >= 0")
+    place = _Place(rpc, tracker, key, timeout_s)
+    result = ProfileResult([], {"where": place.label, "target": target,
+                                "emulated": emulated and place.remote})
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in items:
+            item = Path(item)
+            if item.is_dir() or (item / MANIFEST).exists():
+                manifest = read_manifest(item)
+                outdir, onnx_path = item, item / manifest["onnx"]
+            elif item.suffix == ".onnx":
+                outdir, manifest, onnx_path = None, None, item
+            else:
+                raise LrdeployError(f"{item}: neither an artifact folder nor an .onnx file")
+            model = frontend.load_onnx(onnx_path)
+            shapes = ({s["name"]: s["shape"] for s in manifest["inputs"]} if manifest
+                      else input_shapes)
+            specs = runtime.input_specs(model, shapes)
+            feed = runtime.random_inputs(model, specs, seed)
+            for name in runtimes:
+                if name == "ort":
+                    timing = Timing(str(item), "onnxruntime", "local")
+                    result.timings.append(timing)
+                    _time_ort(onnx_path, feed, runs, warmup, threads, timing, progress)
+                    continue
+                if manifest is None:
+                    progress(f"compiling {item.name} for {target}")
+                    outdir = Path(tmp) / f"{len(result.timings)}-{item.stem}"
+                    manifest = compile_model(item, target, outdir, device_file=device_file,
+                                             input_shapes=input_shapes)
+                device = manifest["device"]
+                timing = Timing(str(item), "tvm", f"{device['name']} via {place.label}",
+                                emulated and place.remote)
+                result.timings.append(timing)
+                if not place.remote and device["family"] != "host":
+                    timing.error = (f"the artifact is for {device['name']} ({device['triple']});"
+                                    " profile it with --rpc or --tracker on that device")
+                    return result
+                try:
+                    outputs = _time_tvm(outdir, manifest, feed, place, runs, warmup, threads,
+                                        timing, progress)
+                except LrdeployError as exc:
+                    timing.error = str(exc)
+                    return result
+                names, reference, unoptimized = reference_outputs(model, [feed])
+                fidelity = compare_outputs(names, reference, [outputs], unoptimized)
+                timing.max_relative_error = max(f.relative_l2_error for f in fidelity)
+    return result

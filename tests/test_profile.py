@@ -1,0 +1,144 @@
+"""profile: local, over RPC to an emulated aarch64 device (TVM's own server under qemu), through
+a real tracker, and the faults a user meets. Every server started here is stopped, and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+import lrdeploy
+from conftest import run_cli
+from lrdeploy.deploy import compile_model
+from lrdeploy.profile import profile
+from lrdeploy.targets import emulated
+
+pytestmark = pytest.mark.slow
+KEY = "rpi4-emulated"
+STARTED: list[emulated.Service] = []
+
+
+def _start(service: emulated.Service) -> emulated.Service:
+    STARTED.append(service)
+    return service
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_left_behind():
+    yield
+    for service in STARTED:
+        service.stop()
+    for service in STARTED:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(service.process.pid, 0)  # the whole group, workers included, is gone
+    leftovers = subprocess.run(["pgrep", "-f", "tvm.exec.(rpc_server|rpc_tracker|popen_worker)"],
+                               capture_output=True, text=True).stdout.split()
+    assert leftovers == []
+
+
+@pytest.fixture(scope="module")
+def minilm_rpi4(tmp_path_factory, minilm_l3):
+    work = tmp_path_factory.mktemp("profile")
+    compressed = work / "minilm_lr.onnx"
+    lrdeploy.compress(minilm_l3, compressed, rank="energy:0.9",
+                      input_shapes={"input_ids": (1, 8), "attention_mask": (1, 8)})
+    outdir = work / "rpi4"
+    compile_model(compressed, "rpi4", outdir,
+                  input_shapes={"input_ids": (1, 8), "attention_mask": (1, 8)})
+    return outdir
+
+
+@pytest.fixture(scope="module")
+def tracker_with_device():
+    tracker = _start(emulated.start_tracker())
+    server = _start(emulated.start_server(tracker=tracker.address, key=KEY))
+    return tracker, server
+
+
+def test_profile_through_tracker_on_emulated_aarch64_device(tracker_with_device, minilm_rpi4,
+                                                            tmp_path):
+    tracker, _ = tracker_with_device
+    report = tmp_path / "profile.json"
+    proc = run_cli("profile", minilm_rpi4, "--tracker", tracker.address, "--key", KEY,
+                   "--emulated", "--runs", "3", "--warmup", "1", "--json", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "EMULATED" in proc.stdout
+    data = json.loads(report.read_text())
+    (timing,) = data["timings"]
+    assert timing["emulated"] and data["device"]["emulated"]
+    assert len(timing["samples_ms"]) == 3 and timing["median_ms"] > 0
+    assert timing["min_ms"] <= timing["median_ms"] <= timing["p90_ms"] <= timing["max_ms"]
+    assert timing["max_relative_error"] <= 1e-4  # outputs fetched over RPC match onnxruntime
+    print(f"emulated rpi4 via tracker: median {timing['median_ms']:.1f} ms (emulated)")
+
+
+def test_unknown_key_lists_the_registered_ones(tracker_with_device, minilm_rpi4):
+    tracker, _ = tracker_with_device
+    proc = run_cli("profile", minilm_rpi4, "--tracker", tracker.address, "--key", "pixel9",
+                   "--runs", "1")
+    assert proc.returncode != 0
+    assert f"registered keys: {KEY}" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_connection_refused_is_one_clear_line(minilm_rpi4, tmp_path):
+    port = emulated.free_port()
+    report = tmp_path / "p.json"
+    proc = run_cli("profile", minilm_rpi4, "--rpc", f"127.0.0.1:{port}", "--json", report)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lrdeploy: error:") and "connection refused" in last
+    assert "Traceback" not in proc.stderr
+    assert json.loads(report.read_text())["timings"][0]["error"]
+
+
+def test_device_lost_mid_run_keeps_the_samples_measured_before(minilm_rpi4):
+    server = _start(emulated.start_server())
+    samples_seen = threading.Event()
+
+    def progress(message: str) -> None:
+        if message.startswith("tvm run 3/"):
+            samples_seen.set()
+
+    def kill_when_running() -> None:
+        samples_seen.wait(600)
+        server.stop()
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    result = profile([minilm_rpi4], rpc=server.address, runs=50, warmup=1, emulated=True,
+                     progress=progress)
+    killer.join()
+    (timing,) = result.timings
+    assert timing.error and "failed after" in timing.error
+    assert 2 <= len(timing.samples_ms) < 50
+    assert result.to_dict()["timings"][0]["median_ms"] is not None
+
+
+def test_tracker_request_times_out_when_the_only_device_is_busy(tracker_with_device,
+                                                                 minilm_rpi4):
+    from tvm import rpc
+
+    tracker, _ = tracker_with_device
+    busy = rpc.connect_tracker("127.0.0.1", tracker.port).request(KEY, session_timeout=60)
+    start = time.monotonic()
+    result = profile([minilm_rpi4], tracker=tracker.address, key=KEY, runs=1, timeout_s=5)
+    assert time.monotonic() - start < 60
+    assert "within 5 s" in result.timings[0].error
+    del busy
+
+
+def test_host_profile_side_by_side_dense_and_compressed(tmp_path, minilm_l3):
+    compressed = tmp_path / "lr.onnx"
+    shapes = {"input_ids": (1, 8), "attention_mask": (1, 8)}
+    lrdeploy.compress(minilm_l3, compressed, rank="energy:0.9", input_shapes=shapes)
+    result = profile([minilm_l3, compressed], runtimes=["ort", "tvm"], runs=2, warmup=1,
+                     input_shapes=shapes)
+    rows = result.to_dict()["timings"]
+    assert [(r["runtime"], r["model"] == str(compressed)) for r in rows] == [
+        ("onnxruntime", False), ("tvm", False), ("onnxruntime", True), ("tvm", True)]
+    assert rows[0]["ratio_to_first"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
+    assert all(r["max_relative_error"] <= 1e-4 for r in rows if r["runtime"] == "tvm")
