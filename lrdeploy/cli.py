@@ -212,8 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--threads", type=int, help="runtime threads (default: the runtime's)")
     profile.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                          help="RPC session and tracker request timeout (default 120)")
+    profile.add_argument("--per-layer", action="store_true",
+                         help="also time each fused TVM kernel on its own (on the device) and "
+                              "each ONNX node in onnxruntime's profiler, mapped to the sites; "
+                              "reports the share of time in factorized vs untouched sites")
     profile.add_argument("--json", metavar="FILE", help="write every raw figure as JSON "
                                                         "(also when a fault stops the run)")
+    profile.add_argument("--html", metavar="FILE",
+                         help="write an HTML report with a bar chart of per-layer time")
     return parser
 
 
@@ -319,20 +325,25 @@ def _bundle(args, shapes, console: Console) -> int:
 
 
 def _profile(args, shapes, console: Console) -> int:
-    from lrdeploy.profile import profile
+    from lrdeploy.profiling import profile
 
     with console.status("profiling") as status:
         result = profile(
             args.items, target=args.target, runtimes=args.runtime or ["tvm"], rpc=args.rpc,
             tracker=args.tracker, key=args.key, runs=args.runs, warmup=args.warmup,
             threads=args.threads, timeout_s=args.timeout, emulated=args.emulated,
-            device_file=args.device_file, input_shapes=shapes,
+            per_layer=args.per_layer, device_file=args.device_file, input_shapes=shapes,
             progress=lambda message: status.update(message),
         )
     print_profile(console, result.to_dict())
     if args.json:
         write_json(args.json, result.to_dict())
         console.print(f"wrote {args.json}")
+    if args.html:
+        from lrdeploy.report import write_profile_html
+
+        write_profile_html(args.html, result.to_dict())
+        console.print(f"wrote {args.html}")
     if result.failed:
         raise LrdeployError(result.failed[0].error)
     return 0

@@ -138,6 +138,9 @@ def compile_model(
             progress(f"tuning with MetaSchedule ({tune_trials} trials)")
             tuning.tune(mod, device, database, tune_trials, progress)
         progress(f"compiling for {device.name}")
+        from lrdeploy.targets.tuning import fused
+
+        kernels = build.kernel_table(fused(mod, build.tvm_target(device)), proto)
         lowered = build.lower(mod, device, database)
         param_bytes = build.constant_bytes(lowered)
         executable = build.build(lowered, device)
@@ -159,6 +162,8 @@ def compile_model(
             "onnx_param_bytes": _initializer_bytes(onnx_model),
             "tuning": {"trials": tune_trials, "database": TUNING_DIR} if tune_trials else None,
             "compression": compression,
+            "kernels": kernels,
+            "kernels_library": "kernels.so" if (staged / "kernels.so").is_file() else None,
             "notes": notes,
         }
         write_json(staged / MANIFEST, manifest)

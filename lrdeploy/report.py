@@ -231,3 +231,78 @@ def print_profile(console: Console, data: dict) -> None:
             fmt(row["ratio_to_first"], "{:.2f}x"), fmt(row["max_relative_error"], "{:.1e}"),
         )
     console.print(table)
+
+    for row in data["timings"]:
+        summary = row.get("layer_summary")
+        if not summary:
+            continue
+        layers = sorted(row["layers"], key=lambda layer: -layer["ms"])
+        title = (f"Per layer, {os.path.basename(row['model'].rstrip('/'))} on {row['runtime']}: "
+                 f"{summary['total_ms']:.3f} ms in all, factorized sites "
+                 f"{summary['share_factorized']:.0%}, dense sites "
+                 f"{summary['share_dense_site']:.0%}, other {summary['share_other']:.0%}"
+                 f" (top {min(TOP_LAYERS, len(layers))} of {len(layers)})")
+        per_layer = Table(title=title, title_justify="left")
+        for column in ("layer", "kind", "calls", "ms", "sites"):
+            per_layer.add_column(column)
+        for layer in layers[:TOP_LAYERS]:
+            per_layer.add_row(layer["layer"], layer["kind"], str(layer["calls"]),
+                              f"{layer['ms']:.3f}", ", ".join(layer["sites"]))
+        console.print(per_layer)
+
+
+TOP_LAYERS = 15
+
+
+def write_profile_html(path: str | os.PathLike[str], data: dict) -> None:
+    """A self-contained HTML page: the latency table and, per timing with layers, a bar chart
+    of per-layer time (matplotlib, embedded as PNG) coloured by kind of layer."""
+    import base64
+    import html
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from lrdeploy.fileio import atomic_path
+
+    colours = {"factorized": "#2a9d8f", "dense_site": "#e76f51", "other": "#8d99ae"}
+    emulated = data["device"].get("emulated")
+    parts = [f"<h1>lrdeploy profile</h1><p>{html.escape(str(data['device']))}</p>"]
+    if emulated:
+        parts.append("<p><b>EMULATED device: these timings say nothing about a real "
+                     "board.</b></p>")
+    header = ("model", "runtime", "where", "median ms", "p90 ms", "min ms", "max ms",
+              "stddev ms", "vs first")
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            row["model"], row["runtime"], row["where"] + (" [emulated]" if row["emulated"] else ""),
+            *(f"{row[k]:.3f}" if row[k] is not None else "-" for k in
+              ("median_ms", "p90_ms", "min_ms", "max_ms", "stddev_ms")),
+            f"{row['ratio_to_first']:.2f}x" if row["ratio_to_first"] else "-")) + "</tr>"
+        for row in data["timings"])
+    parts.append("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{h}</th>" for h in header)
+                 + f"</tr>{rows}</table>")
+    for row in data["timings"]:
+        layers = sorted(row.get("layers") or [], key=lambda layer: -layer["ms"])[:30]
+        if not layers:
+            continue
+        figure, axes = plt.subplots(figsize=(10, 0.3 * len(layers) + 1.5))
+        axes.barh([layer["layer"][-60:] for layer in layers][::-1],
+                  [layer["ms"] for layer in layers][::-1],
+                  color=[colours[layer["kind"]] for layer in layers][::-1])
+        axes.set_xlabel("ms per inference" + (" (emulated)" if row["emulated"] else ""))
+        axes.set_title(f"{os.path.basename(row['model'].rstrip('/'))} on {row['runtime']} "
+                       "(green: factorized, orange: dense sites, grey: other)", fontsize=9)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=90)
+        plt.close(figure)
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        parts.append(f"<h2>{html.escape(row['model'])} on {row['runtime']}</h2>"
+                     f"<img alt='per-layer time' src='data:image/png;base64,{encoded}'>")
+    with atomic_path(path) as tmp:
+        tmp.write_text("<!doctype html><meta charset=utf-8><title>lrdeploy profile</title>"
+                       + "".join(parts))

@@ -20,6 +20,7 @@ from lrdeploy.errors import LrdeployError
 from lrdeploy.runtime import Feeds
 from lrdeploy.targets import runner as deploy_runner
 from lrdeploy.targets.devices import Device
+from lrdeploy.targets.host import KERNELS
 
 NDK_NOTE = ("ANDROID_NDK_HOME is not set: wrote model.tar (object files) instead of model.so; "
             "link it on your side with the NDK: set ANDROID_NDK_HOME and run lrdeploy compile "
@@ -35,10 +36,14 @@ def export(executable: Any, outdir: Path, device: Device) -> tuple[str, list[str
         from tvm.support import ndk
 
         executable.export_library(str(outdir / "model.so"), fcompile=ndk.create_shared)
+        executable.mod.imports[0].export_library(str(outdir / KERNELS),
+                                                 fcompile=ndk.create_shared)
         return "model.so", []
     compiler = deploy_runner.require_tool(device.cross_compiler, device.cross_compiler_package,
                                           f"linking for '{device.name}'")
     executable.export_library(str(outdir / "model.so"), cc=compiler)
+    # The kernels alone, for profile --per-layer to time one by one on the device.
+    executable.mod.imports[0].export_library(str(outdir / KERNELS), cc=compiler)
     return "model.so", []
 
 

@@ -8,10 +8,13 @@ the dense W). TVM is imported by the functions, never at module import.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from lrdeploy.errors import LrdeployError
@@ -90,3 +93,64 @@ def build(lowered: Any, device: Device) -> Any:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise LrdeployError(f"TVM failed to build for '{device.name}': "
                             f"{lines[-1] if lines else exc}") from None
+
+
+FACTOR_NODE = re.compile(r"^(?P<site>.+)/(svd|tucker|spatial)_\d+$")
+
+
+def site_of_node(node_name: str) -> tuple[str, bool]:
+    """The site a node belongs to, and whether it is part of a factorized chain."""
+    match = FACTOR_NODE.match(node_name)
+    return (match.group("site"), True) if match else (node_name, False)
+
+
+def kernel_table(fused: Any, model: onnx.ModelProto) -> list[dict]:
+    """Every fused kernel ``main`` calls: its argument shapes (inputs, then outputs), how often
+    it is called, and the ONNX sites whose weights it takes (matched by the weights' bytes,
+    transposed too, since the frontend may fold a transpose into a weight)."""
+    import hashlib
+
+    from onnx import numpy_helper
+    from tvm import relax
+
+    def digest(array: np.ndarray) -> str:
+        return hashlib.sha1(np.ascontiguousarray(array).tobytes() + str(array.shape).encode())\
+            .hexdigest()
+
+    owners = {}
+    for node in model.graph.node:
+        for name in node.input:
+            owners.setdefault(name, node.name)
+    weight_sites: dict[str, tuple[str, bool]] = {}
+    for tensor in model.graph.initializer:
+        if tensor.name in owners and len(tensor.dims) >= 2:
+            array = numpy_helper.to_array(tensor)
+            site = site_of_node(owners[tensor.name])
+            weight_sites[digest(array)] = site
+            if array.ndim == 2:
+                weight_sites[digest(array.T)] = site
+
+    kernels: dict[tuple, dict] = {}
+
+    def visit(expr: Any) -> None:
+        if getattr(getattr(expr, "op", None), "name", "") != "relax.call_tir":
+            return
+        inputs = list(expr.args[1].fields)
+        types = [arg.ty for arg in inputs] + list(expr.ty_args)
+        if not all(hasattr(t, "shape") and t.shape is not None for t in types):
+            return
+        args = [{"shape": [int(d) for d in t.shape], "dtype": str(t.dtype)} for t in types]
+        entry = kernels.setdefault((expr.args[0].name_hint, json.dumps(args)), {
+            "name": expr.args[0].name_hint, "args": args, "calls": 0, "sites": [],
+            "factorized": False})
+        entry["calls"] += 1
+        for arg in inputs:
+            value = getattr(arg, "value", None)
+            if value is not None and hasattr(value, "numpy"):
+                site = weight_sites.get(digest(value.numpy()))
+                if site and site[0] not in entry["sites"]:
+                    entry["sites"].append(site[0])
+                    entry["factorized"] = entry["factorized"] or site[1]
+
+    relax.analysis.post_order_visit(fused["main"], visit)
+    return list(kernels.values())

@@ -11,11 +11,14 @@ from lrdeploy.runtime import Feeds
 from lrdeploy.targets.devices import Device
 
 ARTIFACT = "model.so"
+KERNELS = "kernels.so"
 
 
 def export(executable: Any, outdir: Path, device: Device) -> tuple[str, list[str]]:
-    """Write the shared library; returns its file name and notes for the user."""
+    """Write the shared library, and the kernels alone as ``kernels.so`` (timed one by one by
+    ``profile --per-layer``); returns the artifact's file name and notes for the user."""
     executable.export_library(str(outdir / ARTIFACT))
+    executable.mod.imports[0].export_library(str(outdir / KERNELS))
     return ARTIFACT, []
 
 

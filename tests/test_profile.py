@@ -14,7 +14,7 @@ import pytest
 import lrdeploy
 from conftest import run_cli
 from lrdeploy.deploy import compile_model
-from lrdeploy.profile import profile
+from lrdeploy.profiling import profile
 from lrdeploy.targets import emulated
 
 pytestmark = pytest.mark.slow
@@ -63,16 +63,26 @@ def test_profile_through_tracker_on_emulated_aarch64_device(tracker_with_device,
                                                             tmp_path):
     tracker, _ = tracker_with_device
     report = tmp_path / "profile.json"
+    page = tmp_path / "profile.html"
     proc = run_cli("profile", minilm_rpi4, "--tracker", tracker.address, "--key", KEY,
-                   "--emulated", "--runs", "3", "--warmup", "1", "--json", report)
+                   "--emulated", "--runs", "3", "--warmup", "1", "--per-layer",
+                   "--json", report, "--html", page)
     assert proc.returncode == 0, proc.stderr
     assert "EMULATED" in proc.stdout
+    assert "data:image/png;base64," in page.read_text() and "EMULATED" in page.read_text()
     data = json.loads(report.read_text())
     (timing,) = data["timings"]
     assert timing["emulated"] and data["device"]["emulated"]
     assert len(timing["samples_ms"]) == 3 and timing["median_ms"] > 0
     assert timing["min_ms"] <= timing["median_ms"] <= timing["p90_ms"] <= timing["max_ms"]
     assert timing["max_relative_error"] <= 1e-4  # outputs fetched over RPC match onnxruntime
+    # per kernel, timed on the device; the factorized sites are named
+    factorized = {site for layer in timing["layers"] if layer["kind"] == "factorized"
+                  for site in layer["sites"]}
+    assert any(site.endswith("attention/self/query/MatMul") for site in factorized)
+    assert len(factorized) >= 12
+    summary = timing["layer_summary"]
+    assert 0 < summary["share_factorized"] <= 1 and summary["total_ms"] > 0
     print(f"emulated rpi4 via tracker: median {timing['median_ms']:.1f} ms (emulated)")
 
 
@@ -135,10 +145,13 @@ def test_host_profile_side_by_side_dense_and_compressed(tmp_path, minilm_l3):
     compressed = tmp_path / "lr.onnx"
     shapes = {"input_ids": (1, 8), "attention_mask": (1, 8)}
     lrdeploy.compress(minilm_l3, compressed, rank="energy:0.9", input_shapes=shapes)
-    result = profile([minilm_l3, compressed], runtimes=["ort", "tvm"], runs=2, warmup=1,
-                     input_shapes=shapes)
+    result = lrdeploy.profile([minilm_l3, compressed], runtimes=["ort", "tvm"], runs=2,
+                              warmup=1, input_shapes=shapes, per_layer=True)
     rows = result.to_dict()["timings"]
     assert [(r["runtime"], r["model"] == str(compressed)) for r in rows] == [
         ("onnxruntime", False), ("tvm", False), ("onnxruntime", True), ("tvm", True)]
     assert rows[0]["ratio_to_first"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
     assert all(r["max_relative_error"] <= 1e-4 for r in rows if r["runtime"] == "tvm")
+    ort_low_rank = rows[2]["layer_summary"]
+    assert ort_low_rank["share_factorized"] > 0 and rows[0]["layer_summary"][
+        "share_factorized"] == 0  # the dense model has no factorized site

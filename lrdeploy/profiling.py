@@ -26,6 +26,8 @@ from lrdeploy import frontend, runtime
 from lrdeploy.errors import LrdeployError
 
 RUNTIMES = ("tvm", "ort")
+LAYER_KINDS = ("factorized", "dense_site", "other")
+LAYER_SAMPLES = 3
 Progress = Callable[[str], None]
 
 
@@ -41,6 +43,16 @@ class Timing:
     error: str | None = None
     max_relative_error: float | None = None  # outputs vs onnxruntime, when fetched
     device_threads: int | None = None  # as the TVM runtime on the device reports it
+    layers: list[dict] = field(default_factory=list)  # --per-layer: see layer_summary
+
+    def layer_summary(self) -> dict[str, float] | None:
+        """Share of the per-layer time spent in factorized sites, dense sites and the rest."""
+        total = sum(layer["ms"] for layer in self.layers)
+        if not total:
+            return None
+        share = {kind: sum(x["ms"] for x in self.layers if x["kind"] == kind) / total
+                 for kind in LAYER_KINDS}
+        return {"total_ms": total, **{f"share_{kind}": v for kind, v in share.items()}}
 
     def stats(self) -> dict[str, float | None]:
         s = sorted(self.samples_ms)
@@ -55,7 +67,7 @@ class Timing:
         }
 
     def to_dict(self) -> dict:
-        return {**asdict(self), **self.stats()}
+        return {**asdict(self), **self.stats(), "layer_summary": self.layer_summary()}
 
 
 @dataclass
@@ -164,8 +176,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, runs: int,
-              warmup: int, threads: int | None, timing: Timing, progress: Progress) -> list:
-    """Fill ``timing`` with samples; returns the outputs of one run (fetched from the device)."""
+              warmup: int, threads: int | None, timing: Timing, progress: Progress,
+              per_layer: bool = False) -> list:
+    """Fill ``timing`` with samples (and layers); returns the outputs of one run (fetched from
+    the device)."""
     import tvm
     from tvm import relax
 
@@ -199,12 +213,90 @@ def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, 
         for index in range(runs):
             progress(f"tvm run {index + 1}/{runs} ({place.label})")
             timing.samples_ms.append(evaluator(*args).results[0] * 1e3)
+        if per_layer:
+            timing.layers = _tvm_layers(outdir, manifest, session, device, progress)
         return outputs
     except LrdeployError:
         raise
     except Exception as exc:
         raise LrdeployError(f"the run on {place.label} failed after {len(timing.samples_ms)} "
                             f"of {runs} samples: {_reason(exc)}") from None
+
+
+def _tvm_layers(outdir: Path, manifest: dict, session: Any, device: Any,
+                progress: Progress) -> list[dict]:
+    """Each fused kernel timed on its own (TVM 0.27 has no per-operator VM profiler), on random
+    arguments of the shapes recorded at compile time; ms per inference = time x calls."""
+    import tvm
+
+    if not manifest.get("kernels_library"):
+        raise LrdeployError("this artifact has no kernels.so: recompile it for --per-layer")
+    path = outdir / manifest["kernels_library"]
+    if session is None:
+        kernels = tvm.runtime.load_module(str(path))
+    else:
+        session.upload(str(path))
+        kernels = session.load_module(path.name)
+    rng = np.random.default_rng(0)
+    layers = []
+    for index, kernel in enumerate(manifest["kernels"]):
+        progress(f"per-layer: kernel {index + 1}/{len(manifest['kernels'])} {kernel['name']}")
+        args = []
+        for arg in kernel["args"]:
+            dtype = np.dtype(arg["dtype"])
+            # zeros are valid indices for gather-like kernels; floats get normal noise
+            data = (rng.standard_normal(arg["shape"]).astype(dtype) if dtype.kind == "f"
+                    else np.zeros(arg["shape"], dtype))
+            args.append(tvm.runtime.tensor(data, device))
+        evaluator = kernels.time_evaluator(kernel["name"], device, number=1,
+                                           repeat=LAYER_SAMPLES)
+        seconds = float(np.median(evaluator(*args).results))
+        kind = ("factorized" if kernel["factorized"] else "dense_site" if kernel["sites"]
+                else "other")
+        layers.append({"layer": kernel["name"], "calls": kernel["calls"],
+                       "ms": seconds * kernel["calls"] * 1e3, "sites": kernel["sites"],
+                       "kind": kind})
+    return layers
+
+
+def _ort_layers(model_path: Path, feed: runtime.Feeds, threads: int | None) -> list[dict]:
+    """Per ONNX node time from onnxruntime's own profiler, averaged over a few runs."""
+    import json
+
+    import onnxruntime as ort
+
+    from lrdeploy.sites import find_sites
+    from lrdeploy.targets.build import site_of_node
+
+    model = frontend.load_onnx(model_path)
+    dense_sites = {site.name for site in find_sites(model).sites}
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(model_path), options,
+                                       providers=["CPUExecutionProvider"])
+        for _ in range(LAYER_SAMPLES + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, dict] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        node = event["name"][: -len("_kernel_time")]
+        entry = totals.setdefault(node, {"us": [], "op": event["args"].get("op_name", "")})
+        entry["us"].append(event["dur"])
+    layers = []
+    for node, entry in totals.items():
+        site, factorized = site_of_node(node)
+        kind = ("factorized" if factorized else "dense_site" if node in dense_sites else "other")
+        mean_ms = sum(entry["us"]) / (LAYER_SAMPLES + 1) / 1e3  # all runs, warm-up included
+        layers.append({"layer": node, "calls": 1, "ms": mean_ms,
+                       "sites": [site] if kind != "other" else [], "kind": kind,
+                       "op": entry["op"]})
+    return layers
 
 
 def _time_ort(model_path: Path, feed: runtime.Feeds, runs: int, warmup: int,
@@ -237,6 +329,7 @@ def profile(
     threads: int | None = None,
     timeout_s: float = 120.0,
     emulated: bool = False,
+    per_layer: bool = False,
     device_file: str | os.PathLike[str] | None = None,
     input_shapes: dict | None = None,
     seed: int = 0,
@@ -246,7 +339,8 @@ def profile(
 
     A fault (unreachable server, device lost, timeout) stops the profile: the timings measured
     so far are kept, the failing one carries the error, and the result's ``failed`` is not empty.
-    ``emulated`` says the RPC device is an emulator (its timings are labelled so).
+    ``emulated`` says the RPC device is an emulator (its timings are labelled so);
+    ``per_layer`` adds per-kernel (TVM) and per-node (onnxruntime) times, mapped to sites.
     """
     from lrdeploy.deploy import MANIFEST, compile_model, read_manifest
     from lrdeploy.verify import compare_outputs, reference_outputs
@@ -279,6 +373,8 @@ def profile(
                     timing = Timing(str(item), "onnxruntime", "local")
                     result.timings.append(timing)
                     _time_ort(onnx_path, feed, runs, warmup, threads, timing, progress)
+                    if per_layer:
+                        timing.layers = _ort_layers(onnx_path, feed, threads)
                     continue
                 if manifest is None:
                     progress(f"compiling {item.name} for {target}")
@@ -295,7 +391,7 @@ def profile(
                     return result
                 try:
                     outputs = _time_tvm(outdir, manifest, feed, place, runs, warmup, threads,
-                                        timing, progress)
+                                        timing, progress, per_layer)
                 except LrdeployError as exc:
                     timing.error = str(exc)
                     return result
