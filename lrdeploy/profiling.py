@@ -260,7 +260,11 @@ def _tvm_layers(outdir: Path, manifest: dict, session: Any, device: Any,
 
 
 def _ort_layers(model_path: Path, feed: runtime.Feeds, threads: int | None) -> list[dict]:
-    """Per ONNX node time from onnxruntime's own profiler, averaged over a few runs."""
+    """Per ONNX node time from onnxruntime's own profiler, averaged over a few runs.
+
+    The profiling session keeps onnxruntime's graph rewrites at the basic level: its fusions
+    and layout passes rename nodes after values ("hardtanh_2_nchwc"), which would hide the
+    sites; the per-node sum can therefore exceed the optimized latency."""
     import json
 
     import onnxruntime as ort
@@ -273,6 +277,7 @@ def _ort_layers(model_path: Path, feed: runtime.Feeds, threads: int | None) -> l
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.enable_profiling = True
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.profile_file_prefix = str(Path(tmp) / "ort")
         if threads:
             options.intra_op_num_threads = threads

