@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
     profile.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     profile.add_argument("--threads", type=int, help="runtime threads (default: the runtime's)")
+    profile.add_argument("--min-repeat-ms", type=int, default=0, metavar="MS",
+                         help="each TVM sample repeats the model for at least this long and "
+                              "reports the mean per run (default 0: one run per sample)")
     profile.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                          help="RPC session and tracker request timeout (default 120)")
     profile.add_argument("--per-layer", action="store_true",
@@ -332,7 +335,8 @@ def _profile(args, shapes, console: Console) -> int:
             args.items, target=args.target, runtimes=args.runtime or ["tvm"], rpc=args.rpc,
             tracker=args.tracker, key=args.key, runs=args.runs, warmup=args.warmup,
             threads=args.threads, timeout_s=args.timeout, emulated=args.emulated,
-            per_layer=args.per_layer, device_file=args.device_file, input_shapes=shapes,
+            per_layer=args.per_layer, min_repeat_ms=args.min_repeat_ms,
+            device_file=args.device_file, input_shapes=shapes,
             progress=lambda message: status.update(message),
         )
     print_profile(console, result.to_dict())

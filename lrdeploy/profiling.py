@@ -177,7 +177,7 @@ def _reason(exc: BaseException) -> str:
 
 def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, runs: int,
               warmup: int, threads: int | None, timing: Timing, progress: Progress,
-              per_layer: bool = False) -> list:
+              per_layer: bool = False, min_repeat_ms: int = 0) -> list:
     """Fill ``timing`` with samples (and layers); returns the outputs of one run (fetched from
     the device)."""
     import tvm
@@ -209,7 +209,8 @@ def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, 
         outputs = flatten_outputs(vm.get_outputs("main"))
         for _ in range(max(warmup - 1, 0)):
             vm.invoke_stateful("main")
-        evaluator = vm.time_evaluator("main", device, number=1, repeat=1)
+        evaluator = vm.time_evaluator("main", device, number=1, repeat=1,
+                                      min_repeat_ms=min_repeat_ms)
         for index in range(runs):
             progress(f"tvm run {index + 1}/{runs} ({place.label})")
             timing.samples_ms.append(evaluator(*args).results[0] * 1e3)
@@ -335,6 +336,7 @@ def profile(
     timeout_s: float = 120.0,
     emulated: bool = False,
     per_layer: bool = False,
+    min_repeat_ms: int = 0,
     device_file: str | os.PathLike[str] | None = None,
     input_shapes: dict | None = None,
     seed: int = 0,
@@ -346,6 +348,8 @@ def profile(
     so far are kept, the failing one carries the error, and the result's ``failed`` is not empty.
     ``emulated`` says the RPC device is an emulator (its timings are labelled so);
     ``per_layer`` adds per-kernel (TVM) and per-node (onnxruntime) times, mapped to sites.
+    ``min_repeat_ms`` makes each TVM sample repeat the model until it has run that long and
+    report the mean (steadier figures for very fast models).
     """
     from lrdeploy.deploy import MANIFEST, compile_model, read_manifest
     from lrdeploy.verify import compare_outputs, reference_outputs
@@ -396,7 +400,7 @@ def profile(
                     return result
                 try:
                     outputs = _time_tvm(outdir, manifest, feed, place, runs, warmup, threads,
-                                        timing, progress, per_layer)
+                                        timing, progress, per_layer, min_repeat_ms)
                 except LrdeployError as exc:
                     timing.error = str(exc)
                     return result
