@@ -69,7 +69,7 @@ def input_specs(
             given = tuple(int(d) for d in given)
             if dims is not None and (
                 len(dims) != len(given)
-                or any(isinstance(d, int) and d != g for d, g in zip(dims, given, strict=False))
+                or any(_is_static(d) and d != g for d, g in zip(dims, given, strict=False))
             ):
                 raise LrdeployError(
                     f"--input-shape {value.name}={','.join(map(str, given))} does not fit the "
@@ -83,7 +83,7 @@ def input_specs(
             )
         concrete, assumed = [], []
         for axis, dim in enumerate(dims):
-            if isinstance(dim, int):
+            if _is_static(dim):
                 concrete.append(dim)
             else:
                 concrete.append(1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
@@ -91,6 +91,11 @@ def input_specs(
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(concrete),
                                tuple(assumed)))
     return specs
+
+
+def _is_static(dim: object) -> bool:
+    # Old exporters write -1 (or 0) for a dynamic axis instead of a dim_param.
+    return isinstance(dim, int) and dim > 0
 
 
 def _shape_text(dims: Iterable[object]) -> str:

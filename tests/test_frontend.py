@@ -91,3 +91,13 @@ def test_torch_module_is_traced_and_compressed():
                                guard=False)
     assert [e.method for e in result.plan.entries] == ["svd", "svd"]
     assert result.fidelity[0].relative_l2_error < 1e-5
+
+
+def test_dynamic_axes_written_as_minus_one_get_the_default_size():
+    # Old exporters (this is how PaddleOCR's classifier declares its batch) write -1.
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [tensor_value("x", [-1, 64])], ["y"], [weight("w", (64, 48), 0)])
+    result = lrdeploy.compress(model, rank="full", guard=False)
+    (spec,) = result.report["inputs"]
+    assert spec["shape"] == [1, 64] and spec["assumed_axes"] == [0]
+    assert result.report["sites"][0]["flops_before"] == 2 * 64 * 48
