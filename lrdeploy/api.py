@@ -24,6 +24,7 @@ from lrdeploy.fileio import same_file, write_json
 from lrdeploy.plan import Plan, apply_plan, make_plan
 from lrdeploy.ranks import parse_rank_rule
 from lrdeploy.report import build_report
+from lrdeploy.sites import initializer_bytes
 from lrdeploy.verify import OutputFidelity, check_onnx, compare
 
 # Above this many initializer bytes, weights go to a side file: protobuf cannot hold 2 GiB.
@@ -206,9 +207,8 @@ def _check_output_path(output: Path, input_path: Path | None, *others) -> None:
 
 def save_model(model: ir.Model, output: Path) -> None:
     """Write atomically: into a temporary folder beside ``output``, then rename into place."""
-    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                       if v.const_value is not None)
-    data_name = f"{output.name}.data" if weight_bytes > EXTERNAL_DATA_THRESHOLD else None
+    large = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = f"{output.name}.data" if large else None
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
         staged = Path(tmp) / output.name
         if data_name:

@@ -26,6 +26,7 @@ from lrdeploy import __version__, frontend, runtime
 from lrdeploy.api import compress, load
 from lrdeploy.errors import LrdeployError
 from lrdeploy.fileio import write_json
+from lrdeploy.sites import initializer_bytes
 from lrdeploy.targets.devices import Device, get_device
 from lrdeploy.verify import OutputFidelity, compare_outputs, reference_outputs
 
@@ -159,7 +160,7 @@ def compile_model(
                        for s in specs],
             "outputs": [v.name for v in onnx_model.graph.outputs],
             "param_bytes": param_bytes,
-            "onnx_param_bytes": _initializer_bytes(onnx_model),
+            "onnx_param_bytes": initializer_bytes(onnx_model),
             "tuning": {"trials": tune_trials, "database": TUNING_DIR} if tune_trials else None,
             "compression": compression,
             "kernels": kernels,
@@ -179,11 +180,6 @@ def _torch_shapes(model: Any, input_shapes) -> list | None:
     if _is_onnx_path(model) or not input_shapes:
         return None
     return list(input_shapes.values())
-
-
-def _initializer_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
-               if v.const_value is not None)
 
 
 def _swap_into_place(staged: Path, outdir: Path) -> None:

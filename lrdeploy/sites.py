@@ -95,6 +95,12 @@ def model_params(model: ir.Model) -> int:
                for v in g.initializers.values() if v.const_value is not None)
 
 
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers (the weights an ONNX file stores)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's constant tensor as numpy, or None if it is computed or overridable."""
     if value is None or value.const_value is None or value.is_graph_input():
