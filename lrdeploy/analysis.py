@@ -18,7 +18,7 @@ from lrdeploy import runtime
 from lrdeploy.decompositions import effective_rank, energy_rank, singular_values
 from lrdeploy.methods import method_for, rule_for
 from lrdeploy.passes.base import Factorization
-from lrdeploy.ranks import scaled_ranks
+from lrdeploy.ranks import largest_scaled_ranks
 from lrdeploy.sites import Site, SkippedSite, find_sites, model_params
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
@@ -50,15 +50,7 @@ class SiteSpectra:
 
     def break_even_ranks(self) -> tuple[int, ...] | None:
         """The largest uniformly scaled ranks that still pay off (None: not even rank 1 does)."""
-        full = self.full_ranks
-        steps = max(full)
-        best = None
-        for step in range(1, steps + 1):
-            ranks = scaled_ranks(full, step / steps)
-            if not self.is_profitable(ranks):
-                break
-            best = ranks
-        return best
+        return largest_scaled_ranks(self.full_ranks, self.is_profitable)
 
 
 def site_spectra(site: Site, method: str, tucker_sweeps: int = 0) -> SiteSpectra | None:

@@ -71,6 +71,22 @@ def scaled_ranks(full: Sequence[int], fraction: float) -> tuple[int, ...]:
     return tuple(max(1, min(f, math.ceil(fraction * f - 1e-9))) for f in full)
 
 
+def largest_scaled_ranks(
+    full: Sequence[int], accept: Callable[[tuple[int, ...]], bool]
+) -> tuple[int, ...] | None:
+    """The largest ranks, scaled uniformly from 1 / max(full) up, that ``accept`` takes (the
+    cost of a choice grows with the scale, so the search stops at the first refusal); None if
+    even the smallest is refused."""
+    steps = max(full)
+    best = None
+    for step in range(1, steps + 1):
+        ranks = scaled_ranks(full, step / steps)
+        if not accept(ranks):
+            break
+        best = ranks
+    return best
+
+
 def resolve_ranks(
     rule: RankRule,
     spectra: Sequence[np.ndarray],
@@ -93,12 +109,6 @@ def resolve_ranks(
         return tuple(min(f, evbmf_rank(m)) for m, f in zip(unfoldings, full, strict=False))
     if rule.kind == "ratio":
         budget = rule.value * dense_params
-        steps = max(full)
-        best = scaled_ranks(full, 1 / steps)
-        for step in range(1, steps + 1):
-            ranks = scaled_ranks(full, step / steps)
-            if params_of(ranks) > budget:
-                break
-            best = ranks
-        return best
+        best = largest_scaled_ranks(full, lambda ranks: params_of(ranks) <= budget)
+        return best or scaled_ranks(full, 1 / max(full))
     raise LrdeployError(f"unknown rank rule {rule.kind!r}")
