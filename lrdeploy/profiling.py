@@ -270,8 +270,8 @@ def _ort_layers(model_path: Path, feed: runtime.Feeds, threads: int | None) -> l
 
     import onnxruntime as ort
 
+    from lrdeploy.passes.base import site_of_node
     from lrdeploy.sites import find_sites
-    from lrdeploy.targets.build import site_of_node
 
     model = frontend.load_onnx(model_path)
     dense_sites = {site.name for site in find_sites(model).sites}

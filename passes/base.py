@@ -8,6 +8,7 @@ FLOPs, and how to rewrite one node. Calling it, ``rule(model, {site_name: ranks}
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,24 @@ class Factorization:
             self.rewrite(model.graph, node, site, ranks)
         RemoveUnusedNodesPass()(model)
         return model
+
+
+# Nodes of a factorized chain are named SITE/TAG_INDEX (e.g. ".../query/MatMul/svd_0"), so a
+# node name in a profile or a kernel table leads back to its site.
+CHAIN_TAGS = ("svd", "tucker", "spatial")
+_CHAIN_NODE = re.compile(rf"^(?P<site>.+)/({'|'.join(CHAIN_TAGS)})_\d+$")
+
+
+def chain_node_names(site_name: str, tag: str, count: int) -> list[str]:
+    """Names of the ``count`` nodes of the chain that replaces site ``site_name``."""
+    assert tag in CHAIN_TAGS
+    return [f"{site_name}/{tag}_{index}" for index in range(count)]
+
+
+def site_of_node(node_name: str) -> tuple[str, bool]:
+    """The site a node belongs to, and whether it is part of a factorized chain."""
+    match = _CHAIN_NODE.match(node_name)
+    return (match.group("site"), True) if match else (node_name, False)
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, like: ir.Value) -> ir.Value:

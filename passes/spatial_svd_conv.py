@@ -23,7 +23,14 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy.decompositions import spatial_svd, spatial_unfolding
-from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
+from lrdeploy.passes.base import (
+    Cost,
+    Factorization,
+    add_initializer,
+    chain_node_names,
+    conv_node,
+    replace_node,
+)
 from lrdeploy.sites import Site
 
 
@@ -47,6 +54,7 @@ class SpatialSVDConv(Factorization):
         return Cost(rank * (c_in * kh + c_out * kw) + site.bias_params, flops)
 
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
+        names = chain_node_names(site.name, "spatial", 2)
         (rank,) = ranks
         vertical, horizontal = spatial_svd(site.weight, rank)
         kh, kw = site.kernel
@@ -54,11 +62,11 @@ class SpatialSVDConv(Factorization):
         weight_value = node.inputs[1]
         v = add_initializer(graph, f"{site.name}/spatial_v", vertical, weight_value)
         h = add_initializer(graph, f"{site.name}/spatial_h", horizontal, weight_value)
-        first = conv_node(f"{site.name}/spatial_0", node.inputs[0], v, None, (kh, 1),
+        first = conv_node(names[0], node.inputs[0], v, None, (kh, 1),
                           (site.strides[0], 1), (top, 0, bottom, 0), (site.dilations[0], 1),
                           site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        second = conv_node(f"{site.name}/spatial_1", first.outputs[0], h, bias, (1, kw),
+        second = conv_node(names[1], first.outputs[0], h, bias, (1, kw),
                            (1, site.strides[1]), (0, left, 0, right), (1, site.dilations[1]),
                            site.auto_pad)
         replace_node(graph, node, [first, second])

@@ -17,7 +17,14 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy.decompositions import svd_factors
-from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
+from lrdeploy.passes.base import (
+    Cost,
+    Factorization,
+    add_initializer,
+    chain_node_names,
+    conv_node,
+    replace_node,
+)
 from lrdeploy.sites import Site
 
 
@@ -40,15 +47,16 @@ class SVDConv1x1(Factorization):
         return Cost(rank * (c_in + c_out) + site.bias_params, flops)
 
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
+        names = chain_node_names(site.name, "svd", 2)
         (rank,) = ranks
         u, v = svd_factors(site.weight[:, :, 0, 0], rank)
         weight_value = node.inputs[1]
         reduce = add_initializer(graph, f"{site.name}/svd_V", v[:, :, None, None], weight_value)
         expand = add_initializer(graph, f"{site.name}/svd_U", u[:, :, None, None], weight_value)
-        first = conv_node(f"{site.name}/svd_0", node.inputs[0], reduce, None, (1, 1),
+        first = conv_node(names[0], node.inputs[0], reduce, None, (1, 1),
                           site.strides, site.pads, auto_pad=site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        second = conv_node(f"{site.name}/svd_1", first.outputs[0], expand, bias, (1, 1))
+        second = conv_node(names[1], first.outputs[0], expand, bias, (1, 1))
         replace_node(graph, node, [first, second])
 
 

@@ -20,7 +20,13 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy.decompositions import svd_factors
-from lrdeploy.passes.base import Cost, Factorization, add_initializer, replace_node
+from lrdeploy.passes.base import (
+    Cost,
+    Factorization,
+    add_initializer,
+    chain_node_names,
+    replace_node,
+)
 from lrdeploy.sites import Site
 
 
@@ -41,16 +47,17 @@ class SVDMatMul(Factorization):
         return Cost(rank * (rows + cols) + site.bias_params, flops)
 
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
+        names = chain_node_names(site.name, "svd", 2)
         (rank,) = ranks
         left, right = svd_factors(site.weight, rank)
         weight_value = node.inputs[1] if site.side == "right" else node.inputs[0]
         u = add_initializer(graph, f"{site.name}/svd_U", left, weight_value)
         v = add_initializer(graph, f"{site.name}/svd_V", right, weight_value)
         if site.side == "left":
-            first = ir.node("MatMul", [v, node.inputs[1]], name=f"{site.name}/svd_0")
-            second = ir.node("MatMul", [u, first.outputs[0]], name=f"{site.name}/svd_1")
+            first = ir.node("MatMul", [v, node.inputs[1]], name=names[0])
+            second = ir.node("MatMul", [u, first.outputs[0]], name=names[1])
         else:
-            first = ir.node("MatMul", [node.inputs[0], u], name=f"{site.name}/svd_0")
+            first = ir.node("MatMul", [node.inputs[0], u], name=names[0])
             if node.op_type == "Gemm":
                 second = ir.node(
                     "Gemm",
@@ -59,10 +66,10 @@ class SVDMatMul(Factorization):
                         "alpha": node.attributes.get_float("alpha", 1.0),
                         "beta": node.attributes.get_float("beta", 1.0),
                     },
-                    name=f"{site.name}/svd_1",
+                    name=names[1],
                 )
             else:
-                second = ir.node("MatMul", [first.outputs[0], v], name=f"{site.name}/svd_1")
+                second = ir.node("MatMul", [first.outputs[0], v], name=names[1])
         replace_node(graph, node, [first, second])
 
 

@@ -24,7 +24,14 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy.decompositions import tucker2
-from lrdeploy.passes.base import Cost, Factorization, add_initializer, conv_node, replace_node
+from lrdeploy.passes.base import (
+    Cost,
+    Factorization,
+    add_initializer,
+    chain_node_names,
+    conv_node,
+    replace_node,
+)
 from lrdeploy.sites import Site
 
 
@@ -54,6 +61,7 @@ class Tucker2Conv(Factorization):
         return Cost(params, flops)
 
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
+        names = chain_node_names(site.name, "tucker", 3)
         core, u_out, u_in = tucker2(site.weight, (ranks[0], ranks[1]), self.refine_sweeps)
         weight_value = node.inputs[1]
         first_w = add_initializer(graph, f"{site.name}/tucker_in", u_in.T[:, :, None, None],
@@ -61,11 +69,11 @@ class Tucker2Conv(Factorization):
         core_w = add_initializer(graph, f"{site.name}/tucker_core", core, weight_value)
         last_w = add_initializer(graph, f"{site.name}/tucker_out", u_out[:, :, None, None],
                                  weight_value)
-        first = conv_node(f"{site.name}/tucker_0", node.inputs[0], first_w, None, (1, 1))
-        middle = conv_node(f"{site.name}/tucker_1", first.outputs[0], core_w, None, site.kernel,
+        first = conv_node(names[0], node.inputs[0], first_w, None, (1, 1))
+        middle = conv_node(names[1], first.outputs[0], core_w, None, site.kernel,
                            site.strides, site.pads, site.dilations, site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        last = conv_node(f"{site.name}/tucker_2", middle.outputs[0], last_w, bias, (1, 1))
+        last = conv_node(names[2], middle.outputs[0], last_w, bias, (1, 1))
         replace_node(graph, node, [first, middle, last])
 
 

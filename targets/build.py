@@ -9,7 +9,6 @@ the dense W). TVM is imported by the functions, never at module import.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import onnx
 
 from lrdeploy.errors import LrdeployError
+from lrdeploy.passes.base import site_of_node
 from lrdeploy.targets.devices import Device
 
 
@@ -93,15 +93,6 @@ def build(lowered: Any, device: Device) -> Any:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise LrdeployError(f"TVM failed to build for '{device.name}': "
                             f"{lines[-1] if lines else exc}") from None
-
-
-FACTOR_NODE = re.compile(r"^(?P<site>.+)/(svd|tucker|spatial)_\d+$")
-
-
-def site_of_node(node_name: str) -> tuple[str, bool]:
-    """The site a node belongs to, and whether it is part of a factorized chain."""
-    match = FACTOR_NODE.match(node_name)
-    return (match.group("site"), True) if match else (node_name, False)
 
 
 def kernel_table(fused: Any, model: onnx.ModelProto) -> list[dict]:
