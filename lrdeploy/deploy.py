@@ -129,6 +129,7 @@ def compile_model(
         progress("importing into TVM Relax")
         proto = ir.serde.serialize_model(onnx_model)
         mod = build.import_onnx(proto, {s.name: s.shape for s in specs})
+        fused = build.fuse(mod, device)
         database = None
         if tune_trials:
             from lrdeploy.targets import tuning
@@ -137,12 +138,10 @@ def compile_model(
             if (outdir / TUNING_DIR).is_dir():
                 shutil.copytree(outdir / TUNING_DIR, database)
             progress(f"tuning with MetaSchedule ({tune_trials} trials)")
-            tuning.tune(mod, device, database, tune_trials, progress)
+            tuning.tune(fused, device, database, tune_trials, progress)
         progress(f"compiling for {device.name}")
-        from lrdeploy.targets.tuning import fused
-
-        kernels = build.kernel_table(fused(mod, build.tvm_target(device)), proto)
-        lowered = build.lower(mod, device, database)
+        kernels = build.kernel_table(fused, proto)
+        lowered = build.lower(fused, device, database)
         param_bytes = build.constant_bytes(lowered)
         executable = build.build(lowered, device)
         progress("linking")

@@ -70,17 +70,30 @@ def constant_bytes(mod: Any) -> int:
     return total
 
 
-def lower(mod: Any, device: Device, tuning_database: Path | None = None) -> Any:
-    """Run the target's default Relax pipeline (after applying tuned schedules, if any)."""
+def fuse(mod: Any, device: Device) -> Any:
+    """Legalized and fused, once per compile: the kernels of this module are the tuning tasks,
+    the rows of the kernel table and, by name, the functions of the built library."""
+    import tvm
+    from tvm import relax
+
+    with tvm_target(device):
+        return tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.get_pipeline("zero"),
+        ])(mod)
+
+
+def lower(fused: Any, device: Device, tuning_database: Path | None = None) -> Any:
+    """Apply tuned schedules (if any) to the fused module, then the target's default Relax
+    pipeline (its legalization and fusion find nothing left to do)."""
     from tvm import relax
 
     target = tvm_target(device)
     with target:
         if tuning_database is not None:
-            from lrdeploy.targets import tuning
-
-            mod = tuning.apply_database(mod, target, tuning_database)
-        return relax.get_default_pipeline(target)(mod)
+            fused = relax.transform.MetaScheduleApplyDatabase(str(tuning_database))(fused)
+        return relax.get_default_pipeline(target)(fused)
 
 
 def build(lowered: Any, device: Device) -> Any:

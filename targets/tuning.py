@@ -1,9 +1,9 @@
 """MetaSchedule tuning on the local machine, with the database kept in the artifact folder.
 
-Tuning runs on the Relax module after legalization and fusion (the "zero" pipeline), each fused
+Tuning runs on the Relax module after legalization and fusion (``build.fuse``), each fused
 kernel being one task; the best schedules are stored as a JSON database and applied with
-``MetaScheduleApplyDatabase`` before the default lowering. A second compile of the same model
-reuses the records already in the database.
+``MetaScheduleApplyDatabase`` before the default lowering (``build.lower``). A second compile
+of the same model reuses the records already in the database.
 
 TVM 0.27's default builder imports ``tvm.s_tir.tensor_intrin`` in every worker (43-53 s on
 these machines), longer than its own timeout, so every build would fail: ``build_candidate``
@@ -32,30 +32,18 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     return tvm_build(mod, target=target)
 
 
-def fused(mod: Any, target: Any) -> Any:
-    """Legalized and fused: the form tuning tasks are extracted from and records apply to."""
-    import tvm
-    from tvm import relax
-
-    with target:
-        return tvm.transform.Sequential([
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.CanonicalizeBindings(),
-            relax.get_pipeline("zero"),
-        ])(mod)
-
-
-def tune(mod: Any, device: Device, work_dir: Path, trials: int,
+def tune(fused: Any, device: Device, work_dir: Path, trials: int,
          progress: Callable[[str], None]) -> None:
-    """Tune ``mod`` for ``device`` on this machine, adding records to ``work_dir``."""
+    """Tune the kernels of ``fused`` (``build.fuse``) for ``device`` on this machine, adding
+    records to ``work_dir``."""
     from tvm.s_tir import meta_schedule as ms
 
     target = tvm_target(device)
     work_dir.mkdir(parents=True, exist_ok=True)
-    tasks = ms.relax_integration.extract_tasks(fused(mod, target), target, {})
+    tasks = ms.relax_integration.extract_tasks(fused, target, {})
     progress(f"tuning {len(tasks)} kernels with MetaSchedule, {trials} trials in all")
     ms.relax_integration.tune_relax(
-        mod=fused(mod, target),
+        mod=fused,
         params={},
         target=target,
         work_dir=str(work_dir),
@@ -66,10 +54,3 @@ def tune(mod: Any, device: Device, work_dir: Path, trials: int,
         runner=ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S),
     )
 
-
-def apply_database(mod: Any, target: Any, work_dir: Path) -> Any:
-    """``mod`` fused, with every kernel that has a tuning record replaced by its best schedule."""
-    from tvm import relax
-
-    with target:
-        return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(fused(mod, target))
