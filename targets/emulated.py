@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrdeploy.errors import LrdeployError
-from lrdeploy.targets.runner import cache_root, require_tool
+from lrdeploy.targets.runner import cache_root, download_wheels, require_tool
 
 PYTHON_DEBS = [
     "libc6", "libgcc-s1", "gcc-12-base", "libstdc++6", "libbz2-1.0", "libcrypt1", "libdb5.3",
@@ -101,14 +101,8 @@ def _unpack_wheels(download: Path, site: Path) -> None:
             versions.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             versions.append(name)
-    platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                           "--only-binary=:all:", *platforms, "--python-version", "3.11",
-                           "-d", str(download), *versions], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise LrdeployError("pip could not download the aarch64 wheels for the emulated device: "
-                            f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    for wheel in download.glob("*.whl"):
+    for wheel in download_wheels(versions, WHEEL_PLATFORMS, "3.11", download,
+                                 "the aarch64 wheels for the emulated device"):
         with zipfile.ZipFile(wheel) as archive:
             for member in archive.namelist():
                 if not any(skip in member for skip in _SKIPPED_MEMBERS):

@@ -44,6 +44,20 @@ def require_tool(command: str | None, package: str | None, purpose: str) -> str:
     return found
 
 
+def download_wheels(requirements: list[str], platforms: list[str], python_version: str,
+                    dest: Path, what: str) -> list[Path]:
+    """Wheel files for another platform, downloaded with pip (never installed)."""
+    platform_args = [arg for platform in platforms for arg in ("--platform", platform)]
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                           "--only-binary=:all:", *platform_args, "--python-version",
+                           python_version, "-d", str(dest), *requirements],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LrdeployError(f"pip could not download {what}: {reason}")
+    return sorted(dest.glob("*.whl"))
+
+
 def runtime_dir(device: Device) -> Path:
     """Folder with the device's runtime libraries and the tvm/ffi headers, fetched on first use."""
     if not device.runtime_platform:
@@ -57,18 +71,13 @@ def runtime_dir(device: Device) -> Path:
           file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        wheels = Path(tmp) / "wheels"
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                   "--only-binary=:all:", "--platform", device.runtime_platform,
-                   "--python-version", f"{sys.version_info.major}.{sys.version_info.minor}",
-                   "-d", str(wheels)] + [f"{name}=={v}" for name, v in versions.items()]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise LrdeployError(f"pip could not download the {device.runtime_platform} TVM "
-                                f"runtime: {proc.stderr.strip().splitlines()[-1]}")
+        wheels = download_wheels(
+            [f"{name}=={v}" for name, v in versions.items()], [device.runtime_platform],
+            f"{sys.version_info.major}.{sys.version_info.minor}", Path(tmp) / "wheels",
+            f"the {device.runtime_platform} TVM runtime")
         staged = Path(tmp) / "runtime"
         (staged / "lib").mkdir(parents=True)
-        for wheel in wheels.glob("*.whl"):
+        for wheel in wheels:
             _unpack(wheel, staged)
         if folder.exists():
             shutil.rmtree(folder)
