@@ -175,6 +175,23 @@ def _reason(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _load_module(session: Any, path: Path) -> Any:
+    """A compiled library loaded here (``session`` None) or uploaded to the RPC device."""
+    import tvm
+
+    if session is None:
+        return tvm.runtime.load_module(str(path))
+    session.upload(str(path))
+    return session.load_module(path.name)
+
+
+def _device_function(session: Any, name: str) -> Any:
+    """A global function of the TVM runtime that runs the model, here or on the device."""
+    import tvm
+
+    return session.get_function(name) if session else tvm.get_global_func(name)
+
+
 def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, runs: int,
               warmup: int, threads: int | None, timing: Timing, progress: Progress,
               per_layer: bool = False, min_repeat_ms: int = 0) -> list:
@@ -187,20 +204,12 @@ def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, 
 
     session = place.connect()
     try:
-        if session is None:
-            device = tvm.cpu()
-            library = tvm.runtime.load_module(str(outdir / manifest["artifact"]))
-            config_threads = tvm.get_global_func("runtime.config_threadpool")
-        else:
-            progress(f"uploading {manifest['artifact']} to {place.label}")
-            session.upload(str(outdir / manifest["artifact"]))
-            library = session.load_module(manifest["artifact"])
-            device = session.cpu()
-            config_threads = session.get_function("runtime.config_threadpool")
+        progress(f"loading {manifest['artifact']} ({place.label})")
+        library = _load_module(session, outdir / manifest["artifact"])
+        device = session.cpu() if session else tvm.cpu()
         if threads:
-            config_threads(1, threads)
-        timing.device_threads = int((session.get_function("runtime.NumThreads") if session
-                                     else tvm.get_global_func("runtime.NumThreads"))())
+            _device_function(session, "runtime.config_threadpool")(1, threads)
+        timing.device_threads = int(_device_function(session, "runtime.NumThreads")())
         vm = relax.VirtualMachine(library, device)
         args = [tvm.runtime.tensor(np.ascontiguousarray(feed[spec["name"]]), device)
                 for spec in manifest["inputs"]]
@@ -232,12 +241,7 @@ def _tvm_layers(outdir: Path, manifest: dict, session: Any, device: Any,
 
     if not manifest.get("kernels_library"):
         raise LrdeployError("this artifact has no kernels.so: recompile it for --per-layer")
-    path = outdir / manifest["kernels_library"]
-    if session is None:
-        kernels = tvm.runtime.load_module(str(path))
-    else:
-        session.upload(str(path))
-        kernels = session.load_module(path.name)
+    kernels = _load_module(session, outdir / manifest["kernels_library"])
     rng = np.random.default_rng(0)
     layers = []
     for index, kernel in enumerate(manifest["kernels"]):
