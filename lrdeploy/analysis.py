@@ -80,6 +80,14 @@ class ModelAnalysis:
     def total_params(self) -> int:
         return model_params(self.model)
 
+    def input_rows(self) -> list[dict]:
+        """The inputs analysed, JSON-ready (``assumed_axes``: sizes taken by default)."""
+        return [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape),
+                 "assumed_axes": list(s.assumed)} for s in self.specs]
+
+    def skipped_rows(self) -> list[dict]:
+        return [{"site": s.name, "op": s.op, "reason": s.reason} for s in self.skipped]
+
     def rows(self) -> list[dict]:
         """One JSON-ready record per site (the ``analyze`` table)."""
         out = []

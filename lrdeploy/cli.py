@@ -249,9 +249,7 @@ def _analyze(args, shapes, console: Console) -> int:
     with console.status("analysing (tracing, probing shapes, computing spectra)"):
         analysis = api.analyze(args.model, input_shapes=shapes)
         rows = analysis.rows()
-    skipped = [{"site": s.name, "op": s.op, "reason": s.reason} for s in analysis.skipped]
-    inputs = [{"name": s.name, "shape": list(s.shape), "assumed_axes": list(s.assumed)}
-              for s in analysis.specs]
+    skipped, inputs = analysis.skipped_rows(), analysis.input_rows()
     print_analysis(console, rows, skipped, inputs)
     if args.json:
         write_json(args.json, {"source": args.model, "inputs": inputs, "sites": rows,

@@ -70,10 +70,9 @@ def build_report(
         "source": source,
         "output": None if output is None else str(output),
         "plan_source": plan_source,
-        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape),
-                    "assumed_axes": list(s.assumed)} for s in analysis.specs],
+        "inputs": analysis.input_rows(),
         "sites": sites,
-        "skipped": [{"site": s.name, "op": s.op, "reason": s.reason} for s in analysis.skipped],
+        "skipped": analysis.skipped_rows(),
         "totals": totals,
         "verification": {
             "onnx_checker": "passed (full_check)",
