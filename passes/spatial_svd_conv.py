@@ -70,6 +70,3 @@ class SpatialSVDConv(Factorization):
                            (1, site.strides[1]), (0, left, 0, right), (1, site.dilations[1]),
                            site.auto_pad)
         replace_node(graph, node, [first, second])
-
-
-RULE = SpatialSVDConv()

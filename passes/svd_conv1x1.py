@@ -58,6 +58,3 @@ class SVDConv1x1(Factorization):
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         second = conv_node(names[1], first.outputs[0], expand, bias, (1, 1))
         replace_node(graph, node, [first, second])
-
-
-RULE = SVDConv1x1()

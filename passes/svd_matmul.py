@@ -71,6 +71,3 @@ class SVDMatMul(Factorization):
             else:
                 second = ir.node("MatMul", [first.outputs[0], v], name=names[1])
         replace_node(graph, node, [first, second])
-
-
-RULE = SVDMatMul()

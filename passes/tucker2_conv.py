@@ -75,6 +75,3 @@ class Tucker2Conv(Factorization):
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         last = conv_node(names[2], middle.outputs[0], last_w, bias, (1, 1))
         replace_node(graph, node, [first, middle, last])
-
-
-RULE = Tucker2Conv()
