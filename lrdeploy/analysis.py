@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from lrdeploy import runtime
 from lrdeploy.decompositions import effective_rank, energy_rank, singular_values
-from lrdeploy.methods import method_for, rule_for
+from lrdeploy.methods import Grams, method_for, rule_for
 from lrdeploy.passes.base import Factorization
 from lrdeploy.ranks import largest_scaled_ranks
 from lrdeploy.sites import Site, SkippedSite, find_sites, model_params
@@ -53,8 +53,9 @@ class SiteSpectra:
         return largest_scaled_ranks(self.full_ranks, self.is_profitable)
 
 
-def site_spectra(site: Site, method: str, tucker_sweeps: int = 0) -> SiteSpectra | None:
-    rule = rule_for(method, site, tucker_sweeps)
+def site_spectra(site: Site, method: str, tucker_sweeps: int = 0,
+                 grams: Grams | None = None) -> SiteSpectra | None:
+    rule = rule_for(method, site, tucker_sweeps, grams)
     if rule is None:
         return None
     return SiteSpectra(site, rule, [singular_values(m) for m in rule.unfoldings(site)])
@@ -62,18 +63,20 @@ def site_spectra(site: Site, method: str, tucker_sweeps: int = 0) -> SiteSpectra
 
 @dataclass
 class ModelAnalysis:
-    """A canonical model, its input specs, and its sites with shapes at those inputs."""
+    """A canonical model, its input specs, and its sites with shapes at those inputs;
+    ``grams`` (calibration statistics, ``lrdeploy.calibration``) make SVD data-aware."""
 
     model: ir.Model
     specs: list[runtime.InputSpec]
     sites: list[Site]
     skipped: list[SkippedSite]
+    grams: Grams | None = None
     _spectra: dict[tuple[str, str], SiteSpectra | None] = field(default_factory=dict)
 
     def spectra(self, site: Site, method: str) -> SiteSpectra | None:
         key = (site.name, method)
         if key not in self._spectra:
-            self._spectra[key] = site_spectra(site, method)
+            self._spectra[key] = site_spectra(site, method, grams=self.grams)
         return self._spectra[key]
 
     @property
@@ -92,7 +95,7 @@ class ModelAnalysis:
         """One JSON-ready record per site (the ``analyze`` table)."""
         out = []
         for site in self.sites:
-            method = method_for("auto", site)
+            method = method_for("auto", site, self.grams is not None)
             spectra = self.spectra(site, method)
             out.append({
                 "site": site.name,

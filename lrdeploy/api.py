@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,17 +19,20 @@ import onnx_ir as ir
 
 from lrdeploy import frontend, runtime
 from lrdeploy.analysis import ModelAnalysis, analyze_model
-from lrdeploy.errors import LrdeployError
+from lrdeploy.calibration import site_grams
+from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.fileio import same_file, write_json
 from lrdeploy.plan import Plan, apply_plan, make_plan
+from lrdeploy.planner import PlanOutcome
 from lrdeploy.ranks import parse_rank_rule
-from lrdeploy.report import build_report
+from lrdeploy.report import build_report, plot_frontier
 from lrdeploy.sites import initializer_bytes
 from lrdeploy.verify import OutputFidelity, check_onnx, compare
 
 # Above this many initializer bytes, weights go to a side file: protobuf cannot hold 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
+Progress = Callable[[str], None]
 ModelSource = Any  # a path to .onnx, "file.py:factory", a torch.nn.Module, ModelProto or ir.Model
 
 
@@ -137,11 +140,14 @@ def compress(
     report: str | os.PathLike[str] | None = None,
     save_plan: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    budget: Budget | None = None,
+    progress: Progress = lambda message: None,
 ) -> CompressResult:
     """Factorize ``model``'s dense sites, verify the result and (if ``output``) write it.
 
     Nothing is written when the result fails the ONNX checker, onnxruntime, or
-    ``min_fidelity`` (the smallest cosine similarity over the outputs).
+    ``min_fidelity`` (the smallest cosine similarity over the outputs). With ``budget`` the
+    planner chooses methods and ranks (``rank`` is then ignored).
     """
     rule = parse_rank_rule(rank)
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
@@ -154,15 +160,21 @@ def compress(
         calib_feeds = runtime.load_calibration(calib, specs)
     analysis = analyze_model(loaded.canonical, onnx_shapes, seed,
                              calib_feeds[0] if calib_feeds else None)
+    if calib_feeds is not None:
+        progress("collecting calibration statistics")
+        analysis.grams = site_grams(loaded.canonical, analysis.sites, calib_feeds, progress)
     if isinstance(plan, str | os.PathLike):
         plan_source = f"plan {plan}"
         plan = Plan.load(plan)
     elif plan is not None:
         plan_source = "plan given by the caller"
+    elif budget is not None:
+        outcome = _search(analysis, budget, calib_feeds, samples, seed, progress)
+        plan, plan_source = outcome.plan, f"planner: {budget}"
     else:
         plan_source = f"--rank {rule} --method {method}"
         plan = make_plan(analysis, rule, method, only, skip, guard, tucker_sweeps)
-    compressed = apply_plan(loaded.canonical, plan, analysis.sites)
+    compressed = apply_plan(loaded.canonical, plan, analysis.sites, analysis.grams)
     check_onnx(compressed)
     if calib_feeds is not None:
         feeds = calib_feeds
@@ -217,3 +229,94 @@ def save_model(model: ir.Model, output: Path) -> None:
         else:
             ir.save(model, staged)
         os.replace(staged, output)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the planner must meet: ``ms`` of latency or ``params`` parameters on ``target``.
+
+    ``engine`` measures latency (``lrdeploy.latency``; default onnxruntime on the host, TVM
+    over RPC when ``rpc``/``tracker`` is given, else the roofline estimate). ``data_aware``
+    whitens SVD factors with the calibration activations (when there are any).
+    """
+
+    kind: str
+    value: float
+    target: str = "host"
+    engine: str | None = None
+    rpc: str | None = None
+    tracker: str | None = None
+    key: str | None = None
+    device_file: str | None = None
+    data_aware: bool = True
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ms", "params"):
+            raise LrdeployError(f"budget kind must be 'ms' or 'params', not {self.kind!r}")
+        if not self.value > 0:
+            raise LrdeployError(f"the budget must be positive (got {self.value:g})")
+
+    def __str__(self) -> str:
+        flag = "--budget-ms" if self.kind == "ms" else "--budget-params"
+        return f"{flag} {self.value:g} --target {self.target}"
+
+
+def plan_for_budget(
+    model: ModelSource,
+    budget: Budget,
+    *,
+    calib: str | os.PathLike[str] | None = None,
+    samples: int = 4,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    plot: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    progress: Progress = lambda message: None,
+) -> PlanOutcome:
+    """Search the plan that meets ``budget`` with the least predicted error, check it on the
+    device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
+    loaded = load(model, example_inputs, _torch_shapes(input_shapes))
+    onnx_shapes = input_shapes if loaded.input_path else None
+    calib_feeds = None
+    if calib is not None:
+        calib_feeds = runtime.load_calibration(
+            calib, runtime.input_specs(loaded.canonical, onnx_shapes))
+    analysis = analyze_model(loaded.canonical, onnx_shapes, seed,
+                             calib_feeds[0] if calib_feeds else None)
+    if calib_feeds is not None:
+        progress("collecting calibration statistics")
+        analysis.grams = site_grams(loaded.canonical, analysis.sites, calib_feeds, progress)
+    outcome = _search(analysis, budget, calib_feeds, samples, seed, progress)
+    if output is not None:
+        write_json(output, outcome.plan.to_dict())
+    if report is not None:
+        write_json(report, {"source": loaded.source, **outcome.to_dict()})
+    if plot is not None:
+        plot_frontier(outcome, plot)
+    return outcome
+
+
+def _search(analysis: ModelAnalysis, budget: Budget, calib_feeds, samples: int, seed: int,
+            progress: Progress) -> PlanOutcome:
+    from lrdeploy.latency import latency_model
+    from lrdeploy.planner import Planner
+    from lrdeploy.targets.devices import get_device
+
+    if not analysis.sites:
+        raise LrdeployError("the model has no factorizable sites: nothing to plan")
+    device = get_device(budget.target, budget.device_file)
+    if calib_feeds is None:
+        warn("no calibration data (--calib): SVD factors are not data-aware and errors are "
+             "measured on random inputs")
+        feeds = [runtime.random_inputs(analysis.model, analysis.specs, seed + i)
+                 for i in range(samples)]
+    else:
+        feeds = calib_feeds[: max(samples, 1)]
+    latency = latency_model(device, budget.engine, budget.rpc, budget.tracker, budget.key,
+                            budget.cache, budget.device_file)
+    planner = Planner(analysis, device, latency, feeds, data_aware=budget.data_aware,
+                      progress=progress)
+    return planner.solve(budget.kind, budget.value)

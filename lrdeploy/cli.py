@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
 from lrdeploy import __version__, api
-from lrdeploy.errors import LrdeployError
+from lrdeploy.errors import LrdeployError, LrdeployWarning
 from lrdeploy.fileio import write_json
+from lrdeploy.latency import ENGINES
 from lrdeploy.methods import METHOD_CHOICES
 from lrdeploy.ranks import RULE_SYNTAX
 from lrdeploy.report import (
@@ -18,6 +21,7 @@ from lrdeploy.report import (
     print_compression,
     print_devices,
     print_manifest,
+    print_plan,
     print_profile,
     print_verification,
 )
@@ -82,8 +86,10 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
     group.add_argument("--plan", metavar="FILE",
                        help="apply a saved plan instead of --rank/--method/--only/--skip")
     group.add_argument("--calib", metavar="NPZ",
-                       help="verification inputs keyed by input name (a stack of samples "
-                            "along a leading axis is fed one by one); default: random")
+                       help="calibration inputs keyed by input name (a stack of samples "
+                            "along a leading axis is fed one by one): they make SVD "
+                            "data-aware (factors whitened by the activations) and verify the "
+                            "result; default: random inputs, plain SVD")
     group.add_argument("--samples", type=int, default=2,
                        help="random feeds when there is no --calib (default 2)")
     group.add_argument("--min-fidelity", type=float, metavar="COSINE",
@@ -103,7 +109,54 @@ def _compression_kwargs(args) -> dict:
     return dict(rank=args.rank or "energy:0.9", method=args.method, only=args.only,
                 skip=args.skip, plan=args.plan, guard=not args.no_guard,
                 tucker_sweeps=args.tucker_sweeps, calib=args.calib, samples=args.samples,
-                min_fidelity=args.min_fidelity, seed=args.seed)
+                min_fidelity=args.min_fidelity, seed=args.seed, budget=_budget(args))
+
+
+BUDGET_HELP = """\
+The planner chooses, per site, dense or a factorization and its ranks so that the model meets
+the budget on the target with the least predicted loss of fidelity: every candidate's operator
+chain is timed on the device (cached per device under $LRDEPLOY_CACHE/latency, so the next plan
+for that device re-measures nothing), each site's effect on the outputs is measured on the
+calibration inputs, a knapsack search picks the plan, and the plan is then measured whole and
+the search tightened until it fits (at most 5 attempts)."""
+
+
+def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required: bool) -> None:
+    group = parser.add_argument_group("budget (the planner)")
+    if target:
+        group.add_argument("--target", default="host",
+                           help="device the budget is for (lrdeploy targets); default host")
+        group.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
+    budgets = group.add_mutually_exclusive_group(required=required)
+    budgets.add_argument("--budget-ms", type=float, metavar="MS",
+                         help="latency budget on the target (replaces --rank)")
+    budgets.add_argument("--budget-params", type=float, metavar="P",
+                         help="parameter budget (weights in the whole model), e.g. for "
+                              "flash-bound devices (replaces --rank)")
+    group.add_argument("--engine", choices=ENGINES,
+                       help="how latency is known: onnxruntime (measured here; host only), tvm "
+                            "(compiled and timed on the target: in-process for host, else over "
+                            "--rpc/--tracker), roofline (estimated from the device table). "
+                            "Default: onnxruntime on host, tvm with --rpc/--tracker, roofline "
+                            "otherwise")
+    group.add_argument("--rpc", metavar="HOST:PORT", help="the target's TVM RPC server")
+    group.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker (with --key)")
+    group.add_argument("--key", help="device key registered with the tracker")
+    group.add_argument("--plain-svd", action="store_true",
+                       help="do not whiten SVD factors with the --calib activations (they still "
+                            "measure the errors)")
+    group.add_argument("--no-latency-cache", action="store_true",
+                       help="time every chain again and do not save the figures")
+
+
+def _budget(args) -> api.Budget | None:
+    if getattr(args, "budget_ms", None) is None and getattr(args, "budget_params", None) is None:
+        return None
+    kind, value = ("ms", args.budget_ms) if args.budget_ms is not None else \
+        ("params", args.budget_params)
+    return api.Budget(kind, value, target=args.target, engine=args.engine, rpc=args.rpc,
+                      tracker=args.tracker, key=args.key, device_file=args.device_file,
+                      data_aware=not args.plain_svd, cache=not args.no_latency_cache)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--report", metavar="FILE", help="write the JSON report")
     compress.add_argument("--save-plan", metavar="FILE", help="write the plan used as JSON")
     _add_compression_options(compress, default_rank="energy:0.9")
+    _add_budget_options(compress, target=True, required=False)
+
+    plan = commands.add_parser(
+        "plan", help="choose methods and ranks per site to meet a latency or size budget",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=BUDGET_HELP + """
+
+Writes the plan (apply it with compress/compile --plan FILE), and optionally a JSON report
+with the Pareto frontier (latency vs predicted error) and a PNG plot of it. A budget that no
+plan can meet fails with the least reachable latency.""")
+    _add_model_options(plan)
+    plan.add_argument("-o", "--output", metavar="PLAN.json",
+                      help="where to write the plan (default: MODEL-STEM.plan.json here)")
+    plan.add_argument("--report", metavar="FILE", help="write the JSON report (frontier, sites)")
+    plan.add_argument("--plot", metavar="FILE.png", help="plot the Pareto frontier")
+    plan.add_argument("--calib", metavar="NPZ",
+                      help="calibration inputs (as for compress): data-aware SVD and errors "
+                           "measured on them; default random inputs and plain SVD")
+    plan.add_argument("--samples", type=int, default=4,
+                      help="feeds the error model uses (default 4)")
+    plan.add_argument("--seed", type=int, default=0, help="seed of random feeds")
+    _add_budget_options(plan, target=True, required=True)
 
     targets = commands.add_parser(
         "targets", help="list the devices lrdeploy compiles for",
@@ -165,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "OUTDIR/tuning and reused by the next compile. host only")
     compile_.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
     _add_compression_options(compile_, default_rank=None)
+    _add_budget_options(compile_, target=False, required=False)
 
     verify = commands.add_parser(
         "verify", help="run a compiled artifact and compare it with onnxruntime",
@@ -231,11 +307,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     errors = Console(stderr=True)
+    default_showwarning = warnings.showwarning
+
+    def show_warning(message, category, *rest) -> None:
+        if issubclass(category, LrdeployWarning):
+            errors.print(f"lrdeploy: warning: {message}", markup=False, highlight=False,
+                         soft_wrap=True)
+        else:
+            default_showwarning(message, category, *rest)
+
+    warnings.showwarning = show_warning
     try:
         shapes = parse_input_shapes(getattr(args, "input_shape", None))
         handlers = {"analyze": _analyze, "compress": _compress, "targets": _targets,
                      "compile": _compile, "verify": _verify, "bundle": _bundle,
-                     "profile": _profile}
+                     "profile": _profile, "plan": _plan}
         return handlers[args.command](args, shapes, console)
     except LrdeployError as exc:
         errors.print(f"lrdeploy: error: {exc}", markup=False, highlight=False, soft_wrap=True)
@@ -268,6 +354,21 @@ def _compress(args, shapes, console: Console) -> int:
     return 0
 
 
+def _plan(args, shapes, console: Console) -> int:
+    if args.samples < 1:
+        raise LrdeployError("--samples must be >= 1")
+    output = args.output or f"{Path(args.model.split(':')[0]).stem}.plan.json"
+    with console.status("planning") as status:
+        outcome = api.plan_for_budget(
+            args.model, _budget(args), calib=args.calib, samples=args.samples,
+            input_shapes=shapes, output=output, report=args.report, plot=args.plot,
+            seed=args.seed, progress=lambda message: status.update(message))
+    print_plan(console, outcome)
+    written = [p for p in (output, args.report, args.plot) if p]
+    console.print(f"wrote {', '.join(written)}")
+    return 0
+
+
 def _targets(args, shapes, console: Console) -> int:
     from lrdeploy.targets.devices import all_devices
     from lrdeploy.targets.runner import runner_for
@@ -284,7 +385,8 @@ def _targets(args, shapes, console: Console) -> int:
 def _compile(args, shapes, console: Console) -> int:
     from lrdeploy.deploy import compile_model
 
-    compress_options = _compression_kwargs(args) if args.rank or args.plan else None
+    planned = args.budget_ms is not None or args.budget_params is not None
+    compress_options = _compression_kwargs(args) if args.rank or args.plan or planned else None
     with console.status("compiling") as status:
         manifest = compile_model(
             args.model, args.target, args.output, device_file=args.device_file,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import tensorly as tl
+from scipy.linalg import solve_triangular
 from scipy.optimize import minimize_scalar
 from tensorly.decomposition import partial_tucker
 
@@ -41,6 +42,74 @@ def svd_factors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     u, s, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
     root = np.sqrt(s[:rank])
     return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def whitening(gram: np.ndarray, damping: float = 1e-6) -> np.ndarray:
+    """Upper-triangular ``R`` with ``R^T R = gram + damping * mean(diag(gram)) * I``.
+
+    For activations X (rows are samples) with ``gram = X^T X``, ``||X A||_F = ||R A||_F`` for
+    every A. The damping keeps R invertible when some input features are (nearly) constant
+    zero, e.g. channels a ReLU never opens on the calibration data.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    scale = float(np.mean(np.diag(gram))) or 1.0
+    return np.linalg.cholesky(gram + damping * scale * np.eye(len(gram))).T
+
+
+def whitened_singular_values(matrix: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Singular values of ``R W`` (``R`` from ``whitening(gram)``): their tail sums are the
+    output errors of ``whitened_svd_factors`` (``||X W - X L R'||_F^2 = sum_{i>r} s_i^2``)."""
+    return singular_values(whitening(gram) @ np.asarray(matrix, dtype=np.float64))
+
+
+def whitened_svd_factors(
+    matrix: np.ndarray, gram: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factors minimising the *output* error ``||X W - X left right||_F``.
+
+    With ``R^T R = X^T X`` the error equals ``||R W - R left right||_F``, minimised by the
+    truncated SVD ``R W ~= U_r S_r V_r^T`` (Eckart-Young on the whitened matrix), so
+    ``left = R^{-1} U_r S_r^{1/2}`` and ``right = S_r^{1/2} V_r^T``. With ``gram = I`` this is
+    ``svd_factors``.
+
+    Parameters
+    ----------
+    matrix : ndarray, shape (m, n)
+        The weight W of ``y = x @ W``; x has m features.
+    gram : ndarray, shape (m, m)
+        ``X^T X`` of calibration activations X (samples x m) at the weight's input.
+    rank : int, 1 <= rank <= min(m, n)
+
+    Returns
+    -------
+    left : ndarray, shape (m, rank)
+    right : ndarray, shape (rank, n)
+
+    References
+    ----------
+    .. [1] X. Wang, Y. Zheng, Z. Wan, M. Zhang, "SVD-LLM: Truncation-aware Singular Value
+       Decomposition for Large Language Model Compression", ICLR 2025 (truncation-aware
+       data whitening, Sec. 3.1).
+    .. [2] X. Zhang, J. Zou, K. He, J. Sun, "Accelerating Very Deep Convolutional Networks for
+       Classification and Detection", TPAMI 38(10), 2016 (the same objective for conv layers).
+    """
+    whiten = whitening(gram)
+    u, s, vt = np.linalg.svd(whiten @ np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    left = solve_triangular(whiten, u[:, :rank] * root, lower=False)
+    return left, root[:, None] * vt[:rank]
+
+
+def svd_output_errors(matrix: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Squared output errors of plain truncated SVD on data with ``gram = X^T X``.
+
+    Entry r is ``||X (W - W_r)||_F^2`` for the rank-r Eckart-Young truncation ``W_r``
+    (r = 0 .. min(m, n)): with ``W = U S V^T``, ``X (W - W_r) = sum_{i>r} s_i (X u_i) v_i^T``
+    and the v_i are orthonormal, so the error is ``sum_{i>r} s_i^2 u_i^T gram u_i``.
+    """
+    u, s, _ = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    energy = s**2 * np.einsum("ij,jk,ki->i", u.T, np.asarray(gram, dtype=np.float64), u)
+    return np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
 
 
 def tucker2(

@@ -1,10 +1,15 @@
 """The factorization methods by name, and which one a site gets under ``--method``.
 
-Matrices and 1x1 convolutions always use SVD (Tucker-2 and spatial SVD reduce to it there);
-``--method`` chooses what k x k convolutions get.
+Matrices and 1x1 convolutions use SVD (Tucker-2 and spatial SVD reduce to it there): data-aware
+(whitened) SVD when calibration statistics are given, plain SVD otherwise. ``--method`` chooses
+what k x k convolutions get.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
 
 from lrdeploy.errors import LrdeployError
 from lrdeploy.passes.base import Factorization
@@ -12,31 +17,35 @@ from lrdeploy.passes.spatial_svd_conv import SpatialSVDConv
 from lrdeploy.passes.svd_conv1x1 import SVDConv1x1
 from lrdeploy.passes.svd_matmul import SVDMatMul
 from lrdeploy.passes.tucker2_conv import Tucker2Conv
+from lrdeploy.passes.whitened_svd import WhitenedSVDConv1x1, WhitenedSVDMatMul
 from lrdeploy.sites import Site
 
 METHOD_CHOICES = ("auto", "svd", "tucker2", "spatial")
 DENSE = "dense"
+Grams = Mapping[str, np.ndarray]
 
 
-def rules(tucker_sweeps: int = 0) -> list[Factorization]:
-    """One rule object per (method, site kind)."""
-    return [SVDMatMul(), SVDConv1x1(), Tucker2Conv(tucker_sweeps), SpatialSVDConv()]
+def rules(tucker_sweeps: int = 0, grams: Grams | None = None) -> list[Factorization]:
+    """One rule object per (method, site kind); ``grams`` feed the data-aware ones."""
+    return [SVDMatMul(), SVDConv1x1(), WhitenedSVDMatMul(grams), WhitenedSVDConv1x1(grams),
+            Tucker2Conv(tucker_sweeps), SpatialSVDConv()]
 
 
-def rule_for(method: str, site: Site, tucker_sweeps: int = 0) -> Factorization | None:
+def rule_for(method: str, site: Site, tucker_sweeps: int = 0,
+             grams: Grams | None = None) -> Factorization | None:
     """The rule that applies ``method`` to ``site``, or None if the method does not fit it."""
-    for rule in rules(tucker_sweeps):
+    for rule in rules(tucker_sweeps, grams):
         if rule.method == method and rule.applies(site):
             return rule
     return None
 
 
-def method_for(choice: str, site: Site) -> str | None:
+def method_for(choice: str, site: Site, data_aware: bool = False) -> str | None:
     """The method ``--method choice`` gives ``site`` (None: the choice does not cover it)."""
     if choice not in METHOD_CHOICES:
         raise LrdeployError(f"--method {choice!r}: expected one of {', '.join(METHOD_CHOICES)}")
     if not site.is_conv or site.kernel == (1, 1):
-        return "svd"
+        return "wsvd" if data_aware else "svd"
     if choice == "svd":
         return None
     return "tucker2" if choice == "auto" else choice

@@ -16,8 +16,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from lrdeploy.analysis import ModelAnalysis
-from lrdeploy.errors import LrdeployError
-from lrdeploy.methods import DENSE, method_for, rule_for
+from lrdeploy.errors import LrdeployError, warn
+from lrdeploy.methods import DENSE, Grams, method_for, rule_for
 from lrdeploy.ranks import RankRule, resolve_ranks
 from lrdeploy.sites import Site
 
@@ -93,7 +93,7 @@ def make_plan(
 def _plan_site(analysis, site, rule, method, only, skip, guard) -> PlanEntry:
     if not selected(site.name, only, skip):
         return PlanEntry(site.name, DENSE, note="not selected by --only/--skip")
-    chosen = method_for(method, site)
+    chosen = method_for(method, site, analysis.grams is not None)
     if chosen is None:
         return PlanEntry(site.name, DENSE,
                          note=f"--method {method} does not apply to a k x k convolution")
@@ -111,16 +111,21 @@ def _plan_site(analysis, site, rule, method, only, skip, guard) -> PlanEntry:
     return PlanEntry(site.name, chosen, list(ranks), note=str(rule))
 
 
-def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site]) -> ir.Model:
-    """Run the passes the plan names, one pass per method; ``model`` is not modified."""
+def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site],
+               grams: Grams | None = None) -> ir.Model:
+    """Run the passes the plan names, one pass per method; ``model`` is not modified.
+    Data-aware entries (``wsvd``) use ``grams``; without them they get plain SVD factors."""
     by_name = {site.name: site for site in sites}
     groups: dict[type, tuple] = {}
+    if grams is None and any(e.method == "wsvd" for e in plan.entries):
+        warn("the plan asks for data-aware SVD (wsvd) but no calibration data was given "
+             "(--calib): those sites get plain SVD factors")
     for entry in plan.factorized():
         site = by_name.get(entry.site)
         if site is None:
             raise LrdeployError(f"plan names site '{entry.site}', which this model does not have "
                                 "as a factorizable site")
-        rule = rule_for(entry.method, site, plan.tucker_sweeps)
+        rule = rule_for(entry.method, site, plan.tucker_sweeps, grams)
         if rule is None:
             raise LrdeployError(f"plan: method '{entry.method}' does not apply to site "
                                 f"'{entry.site}' ({site.op} {list(site.weight.shape)})")

@@ -260,13 +260,9 @@ def write_profile_html(path: str | os.PathLike[str], data: dict) -> None:
     import html
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     from lrdeploy.fileio import atomic_path
 
+    plt = _pyplot()
     colours = {"factorized": "#2a9d8f", "dense_site": "#e76f51", "other": "#8d99ae"}
     emulated = data["device"].get("emulated")
     parts = [f"<h1>lrdeploy profile</h1><p>{html.escape(str(data['device']))}</p>"]
@@ -305,3 +301,71 @@ def write_profile_html(path: str | os.PathLike[str], data: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("<!doctype html><meta charset=utf-8><title>lrdeploy profile</title>"
                        + "".join(parts))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def plot_frontier(outcome, path: str | os.PathLike[str]) -> None:
+    """PNG of the Pareto frontier (predicted cost vs predicted error), the budget, the chosen
+    plan as predicted and as measured."""
+    from lrdeploy.fileio import atomic_path
+
+    plt = _pyplot()
+    unit = "ms" if outcome.kind == "ms" else "parameters"
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    points = outcome.frontier
+    axes.step([p["cost"] for p in points], [p["predicted_relative_error"] for p in points],
+              where="post", label="Pareto frontier (predicted)", color="#264653")
+    axes.axvline(outcome.budget, color="#e76f51", linestyle="--",
+                 label=f"budget {outcome.budget:g}")
+    axes.axvline(outcome.dense, color="#8d99ae", linestyle=":", label="dense model")
+    axes.plot([outcome.predicted], [outcome.predicted_error], "o", color="#2a9d8f",
+              label="chosen plan, predicted")
+    axes.plot([outcome.measured], [outcome.measured_error], "x", color="#e9c46a", ms=10,
+              mew=3, label="chosen plan, measured")
+    axes.set_yscale("symlog", linthresh=1e-3)
+    axes.set_xlabel(f"{unit} ({outcome.engine})")
+    axes.set_ylabel("relative output error")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+
+
+def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
+    """The chosen plan per site, the budget check, and a thinned Pareto frontier."""
+    unit = "ms" if outcome.kind == "ms" else "params"
+    sites = Table(title="plan", title_justify="left")
+    for column in ("site", "method", "ranks", "dense ms", "chosen ms", "params", "site err",
+                   "sensitivity"):
+        sites.add_column(column, justify="left" if column in ("site", "method") else "right")
+    for row in outcome.sites:
+        sites.add_row(row["site"], row["method"], _ranks(row["ranks"]),
+                      f"{row['dense_ms']:.4f}", f"{row['chosen_ms']:.4f}",
+                      f"{_num(row['params_before'])} -> {_num(row['params_after'])}",
+                      f"{row['site_error']:.3g}", f"{row['sensitivity']:.3g}")
+    console.print(sites)
+    frontier = Table(title=f"Pareto frontier ({outcome.engine})", title_justify="left")
+    frontier.add_column(unit, justify="right")
+    frontier.add_column("predicted relative error", justify="right")
+    points = outcome.frontier
+    step = max(1, len(points) // frontier_rows)
+    for point in points[::step]:
+        frontier.add_row(f"{point['cost']:.4g}", f"{point['predicted_relative_error']:.4g}")
+    console.print(frontier)
+    label = " (estimate)" if outcome.estimate else ""
+    console.print(
+        f"budget {outcome.budget:g} {unit}: dense {outcome.dense:.4g}, predicted "
+        f"{outcome.predicted:.4g}, measured{label} {outcome.measured:.4g} "
+        f"({len(outcome.attempts)} attempt(s)); relative output error predicted "
+        f"{outcome.predicted_error:.4g}, measured {outcome.measured_error:.4g}, min cosine "
+        f"{outcome.cosine:.6f}; chains timed {outcome.chains_measured}, from the cache "
+        f"{outcome.chains_cached}")

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from lrdeploy.decompositions import svd_factors
 from lrdeploy.sites import Site, classify
 
 
@@ -60,6 +61,15 @@ class Factorization:
             self.rewrite(model.graph, node, site, ranks)
         RemoveUnusedNodesPass()(model)
         return model
+
+
+class MatrixFactorization(Factorization):
+    """A rule whose site is one matrix split in two factors (SVD of a matrix or a 1x1 conv);
+    ``factors`` is where data-aware variants choose the factors differently."""
+
+    def factors(self, site: Site, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``matrix ~= left @ right`` with ``rank`` columns in ``left``."""
+        return svd_factors(matrix, rank)
 
 
 # Nodes of a factorized chain are named SITE/TAG_INDEX (e.g. ".../query/MatMul/svd_0"), so a

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from lrdeploy.decompositions import svd_factors
 from lrdeploy.passes.base import (
     Cost,
-    Factorization,
+    MatrixFactorization,
     add_initializer,
     chain_node_names,
     conv_node,
@@ -28,7 +27,7 @@ from lrdeploy.passes.base import (
 from lrdeploy.sites import Site
 
 
-class SVDConv1x1(Factorization):
+class SVDConv1x1(MatrixFactorization):
     method = "svd"
 
     def applies(self, site: Site) -> bool:
@@ -49,7 +48,7 @@ class SVDConv1x1(Factorization):
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "svd", 2)
         (rank,) = ranks
-        u, v = svd_factors(site.weight[:, :, 0, 0], rank)
+        u, v = self.factors(site, site.weight[:, :, 0, 0], rank)
         weight_value = node.inputs[1]
         reduce = add_initializer(graph, f"{site.name}/svd_V", v[:, :, None, None], weight_value)
         expand = add_initializer(graph, f"{site.name}/svd_U", u[:, :, None, None], weight_value)

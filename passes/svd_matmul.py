@@ -19,10 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from lrdeploy.decompositions import svd_factors
 from lrdeploy.passes.base import (
     Cost,
-    Factorization,
+    MatrixFactorization,
     add_initializer,
     chain_node_names,
     replace_node,
@@ -30,7 +29,7 @@ from lrdeploy.passes.base import (
 from lrdeploy.sites import Site
 
 
-class SVDMatMul(Factorization):
+class SVDMatMul(MatrixFactorization):
     method = "svd"
 
     def applies(self, site: Site) -> bool:
@@ -49,7 +48,7 @@ class SVDMatMul(Factorization):
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "svd", 2)
         (rank,) = ranks
-        left, right = svd_factors(site.weight, rank)
+        left, right = self.factors(site, site.weight, rank)
         weight_value = node.inputs[1] if site.side == "right" else node.inputs[0]
         u = add_initializer(graph, f"{site.name}/svd_U", left, weight_value)
         v = add_initializer(graph, f"{site.name}/svd_V", right, weight_value)

@@ -47,6 +47,7 @@ class Device:
     peak_gflops: float
     bandwidth_gbs: float
     l2_kib: int
+    simd_lanes: int = 4  # fp32 lanes of the widest vector unit: the planner's rank step
     cross_compiler: str | None = None
     cross_compiler_package: str | None = None
     ndk: bool = False
@@ -73,7 +74,8 @@ BUILTIN_DEVICES: dict[str, Device] = {
         _row("host", "this machine (x86-64 or aarch64 Linux), artifacts run in-process",
              family="host", triple="native",
              tvm_target={"kind": "llvm", "mcpu": "native", "num-cores": os.cpu_count() or 1},
-             cores=os.cpu_count() or 1, peak_gflops=100.0, bandwidth_gbs=20.0, l2_kib=512),
+             cores=os.cpu_count() or 1, peak_gflops=100.0, bandwidth_gbs=20.0, l2_kib=512,
+             simd_lanes=8),
         _row("rpi4", "Raspberry Pi 4: 4x Cortex-A72 @ 1.5 GHz, NEON, LPDDR4",
              tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
                          "mattr": ["+neon"], "num-cores": 4},

