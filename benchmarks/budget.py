@@ -211,13 +211,14 @@ def greedy_plan(analysis: ModelAnalysis, mac_fraction: float, lanes: int) -> Pla
 
 
 def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float,
-           feed: runtime.Feeds, low: float, high: float) -> tuple[Plan, float]:
-    """The plan at the largest knob value in [low, high] whose measured latency fits."""
+           measure: Callable[[ir.Model], float], low: float, high: float) -> tuple[Plan, float]:
+    """The plan at the largest knob value in [low, high] whose measured latency fits (measured
+    as the planner measures: side by side with the dense model)."""
     best = None
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
         plan = make(middle)
-        ms = measure(apply_plan(analysis.model, plan, analysis.sites), feed)
+        ms = measure(apply_plan(analysis.model, plan, analysis.sites))
         if ms <= budget:
             best, low = (plan, middle), middle
         else:
@@ -226,10 +227,6 @@ def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float
         plan = make(low)
         return plan, low
     return best
-
-
-def measure(model: ir.Model, feed: runtime.Feeds) -> float:
-    return time_session(runtime.session(model), feed, min_time_s=1.0, min_runs=10)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -242,9 +239,14 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
     plain = task.analysis
     aware = dataclasses.replace(plain, _spectra={})
     aware.grams = site_grams(plain.model, plain.sites, task.calib)
-    dense_ms = statistics.median(measure(plain.model, feed) for _ in range(3))
-    print(f"dense onnxruntime {dense_ms:.3f} ms", flush=True)
     latency = OnnxruntimeLatency(device)
+    dense_ms = latency.side_by_side_ms([plain.model], feed)[0]
+    print(f"dense onnxruntime {dense_ms:.3f} ms", flush=True)
+
+    def measure(model: ir.Model) -> float:
+        model_ms, reference_ms = latency.side_by_side_ms([model, plain.model], feed)
+        return model_ms / reference_ms * dense_ms
+
     planners = {
         "planner svd": Planner(aware, device, latency, task.calib[:4], data_aware=False),
         "planner wsvd": Planner(aware, device, latency, task.calib[:4], data_aware=True),
@@ -253,11 +255,12 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
     configs: list[dict] = [{"budget": None, "how": "dense ONNX", "model": plain.model}]
     for fraction in fractions:
         budget = fraction * dense_ms
-        plan, energy = bisect(lambda e: uniform_plan(plain, e), plain, budget, feed, 0.3, 0.999)
+        plan, energy = bisect(lambda e: uniform_plan(plain, e), plain, budget, measure, 0.3,
+                              0.999)
         configs.append({"budget": fraction, "how": f"uniform energy:{energy:.3f}",
                         "model": apply_plan(plain.model, plan, plain.sites)})
         plan, macs = bisect(lambda f: greedy_plan(plain, f, device.simd_lanes), plain, budget,
-                            feed, 0.05, 1.0)
+                            measure, 0.05, 1.0)
         configs.append({"budget": fraction, "how": f"greedy MACs {macs:.2f}",
                         "model": apply_plan(plain.model, plan, plain.sites)})
         for how, planner in planners.items():
@@ -265,9 +268,14 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
                 outcome = planner.solve("ms", budget)
             except lrdeploy.LrdeployError as exc:
                 print(f"{how} at {fraction:.0%}: {exc}", flush=True)
+                configs.append({"budget": fraction, "how": f"{how}: refused", "model": None})
                 continue
+            print(f"{how} at {fraction:.0%}: predicted {outcome.predicted:.3f} ms, measured "
+                  f"{outcome.measured:.3f} ms in {len(outcome.attempts)} attempt(s); relative "
+                  f"output error predicted {outcome.predicted_error:.4f}, measured "
+                  f"{outcome.measured_error:.4f}", flush=True)
             configs.append({"budget": fraction, "how": how, "model": outcome.model,
-                            "plan": outcome.plan, "predicted_error": outcome.predicted_error})
+                            "plan": outcome.plan})
         print(f"budget {fraction:.0%} planned ({time.time() - started:.0f} s)", flush=True)
     # Equal ranks, plain vs whitened factors: the data-aware plan at the tightest budget.
     tightest = [c for c in configs if c["how"] == "planner wsvd"]
@@ -278,19 +286,24 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
                         "model": apply_plan(plain.model, Plan(entries), plain.sites)})
         configs.append({"budget": None, "how": "same ranks, whitened SVD",
                         "model": tightest[-1]["model"]})
-    sessions = [(c, runtime.session(c["model"])) for c in configs]
-    samples: dict[int, list[float]] = {id(c): [] for c in configs}
+    timed = [c for c in configs if c["model"] is not None]
+    sessions = [(c, runtime.session(c["model"])) for c in timed]
+    samples: dict[int, list[float]] = {id(c): [] for c in timed}
     for _ in range(rounds):  # interleaved: a burst of load hits every configuration alike
         for config, session in sessions:
             samples[id(config)].append(time_session(session, feed, 0.5, 10))
+    dense_round_ms = statistics.median(samples[id(configs[0])])
     rows = []
     for config in configs:
+        row = {"model": task.name, "budget": config["budget"], "how": config["how"]}
+        if config["model"] is None:
+            rows.append(row)
+            continue
         ms = statistics.median(samples[id(config)])
-        budget_ms = config["budget"] * dense_ms if config["budget"] else None
-        row = {"model": task.name, "budget": config["budget"], "how": config["how"], "ms": ms,
-               "vs_budget": ms / budget_ms if budget_ms else None,
-               "params": model_params(config["model"]),
-               **task.fidelity(config["model"])}
+        # Budgets are fractions of the dense latency: compare with dense timed in these rounds.
+        row.update(ms=ms, vs_budget=ms / (config["budget"] * dense_round_ms)
+                   if config["budget"] else None,
+                   params=model_params(config["model"]), **task.fidelity(config["model"]))
         rows.append(row)
     print(f"{task.name} done in {time.time() - started:.0f} s", flush=True)
     return rows
@@ -301,9 +314,13 @@ def print_rows(rows: list[dict]) -> None:
                                               "params")]
     header = f"{'budget':>7} {'configuration':<28} {'ms':>8} {'vs budget':>9} {'params':>11} " \
         + " ".join(f"{m:>16}" for m in metrics)
+    print("(vs budget: measured / (budget fraction x dense ms), dense timed in the same rounds)")
     print(f"\n{rows[0]['model']}\n{header}")
     for row in rows:
         budget = f"{row['budget']:.0%}" if row["budget"] else "-"
+        if "ms" not in row:
+            print(f"{budget:>7} {row['how']:<28} (below the least reachable latency)")
+            continue
         ratio = f"{row['vs_budget']:.3f}" if row["vs_budget"] else "-"
         print(f"{budget:>7} {row['how']:<28} {row['ms']:8.3f} {ratio:>9} {row['params']:>11,} "
               + " ".join(f"{row[m]:16.4f}" for m in metrics))

@@ -153,16 +153,7 @@ def compress(
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
     if output is not None:
         _check_output_path(Path(output), loaded.input_path, report, save_plan)
-    onnx_shapes = input_shapes if loaded.input_path else None
-    calib_feeds = None
-    if calib is not None:
-        specs = runtime.input_specs(loaded.canonical, onnx_shapes)
-        calib_feeds = runtime.load_calibration(calib, specs)
-    analysis = analyze_model(loaded.canonical, onnx_shapes, seed,
-                             calib_feeds[0] if calib_feeds else None)
-    if calib_feeds is not None:
-        progress("collecting calibration statistics")
-        analysis.grams = site_grams(loaded.canonical, analysis.sites, calib_feeds, progress)
+    analysis, calib_feeds = _calibrated_analysis(loaded, input_shapes, calib, seed, progress)
     if isinstance(plan, str | os.PathLike):
         plan_source = f"plan {plan}"
         plan = Plan.load(plan)
@@ -203,6 +194,23 @@ def compress(
     if save_plan is not None:
         write_json(save_plan, plan.to_dict())
     return result
+
+
+def _calibrated_analysis(loaded: Loaded, input_shapes, calib, seed: int, progress: Progress
+                         ) -> tuple[ModelAnalysis, list[runtime.Feeds] | None]:
+    """The analysis (shapes probed on the first calibration feed, if any) and the calibration
+    feeds; with them the analysis carries each site's input statistics (data-aware SVD)."""
+    onnx_shapes = input_shapes if loaded.input_path else None
+    calib_feeds = None
+    if calib is not None:
+        calib_feeds = runtime.load_calibration(
+            calib, runtime.input_specs(loaded.canonical, onnx_shapes))
+    analysis = analyze_model(loaded.canonical, onnx_shapes, seed,
+                             calib_feeds[0] if calib_feeds else None)
+    if calib_feeds is not None:
+        progress("collecting calibration statistics")
+        analysis.grams = site_grams(loaded.canonical, analysis.sites, calib_feeds, progress)
+    return analysis, calib_feeds
 
 
 def _check_output_path(output: Path, input_path: Path | None, *others) -> None:
@@ -279,16 +287,7 @@ def plan_for_budget(
     """Search the plan that meets ``budget`` with the least predicted error, check it on the
     device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
-    onnx_shapes = input_shapes if loaded.input_path else None
-    calib_feeds = None
-    if calib is not None:
-        calib_feeds = runtime.load_calibration(
-            calib, runtime.input_specs(loaded.canonical, onnx_shapes))
-    analysis = analyze_model(loaded.canonical, onnx_shapes, seed,
-                             calib_feeds[0] if calib_feeds else None)
-    if calib_feeds is not None:
-        progress("collecting calibration statistics")
-        analysis.grams = site_grams(loaded.canonical, analysis.sites, calib_feeds, progress)
+    analysis, calib_feeds = _calibrated_analysis(loaded, input_shapes, calib, seed, progress)
     outcome = _search(analysis, budget, calib_feeds, samples, seed, progress)
     if output is not None:
         write_json(output, outcome.plan.to_dict())

@@ -38,16 +38,21 @@ def site_grams(
     sites: Sequence[Site],
     feeds: Sequence[runtime.Feeds],
     progress: Callable[[str], None] = lambda message: None,
+    shrink: bool = True,
 ) -> dict[str, np.ndarray]:
-    """``X^T X`` at the input of each matrix / 1x1-conv site, summed over ``feeds``.
+    """``X^T X`` at the input of each matrix / 1x1-conv site over ``feeds``, shrunk towards a
+    multiple of the identity by the Ledoit-Wolf rule (``shrink``).
 
-    k x k convolutions are left out: their data-aware analogue works on unfolded patches,
-    which the passes do not use yet.
+    Few calibration samples for many features (a classifier's 1280 inputs from 32 images) give
+    a rank-deficient Gram matrix: factors whitened by it fit the calibration set exactly and
+    generalise badly. Ledoit-Wolf picks the shrinkage from the data themselves (none when
+    samples are plentiful). k x k convolutions are left out: their data-aware analogue works
+    on unfolded patches, which the passes do not use yet.
     """
     wanted = [s for s in sites if not s.is_conv or s.kernel == (1, 1)]
     names = {s.name: site_input_name(model, s) for s in wanted}
     session = runtime.session(model, sorted(set(names.values())))
-    grams: dict[str, np.ndarray] = {}
+    stats: dict[str, list] = {s.name: [0.0, 0.0, 0] for s in wanted}  # gram, sum |x|^4, n
     for index, feed in enumerate(feeds):
         progress(f"calibration activations {index + 1}/{len(feeds)}")
         outputs = runtime.run(session, feed)
@@ -55,6 +60,33 @@ def site_grams(
             name = names[site.name]
             activation = outputs[name] if name in outputs else feed[name]
             rows = feature_rows(site, activation).astype(np.float64)
-            gram = rows.T @ rows
-            grams[site.name] = grams[site.name] + gram if site.name in grams else gram
-    return grams
+            entry = stats[site.name]
+            entry[0] = entry[0] + rows.T @ rows
+            entry[1] += float(np.sum(np.sum(rows**2, axis=1) ** 2))
+            entry[2] += rows.shape[0]
+    return {name: ledoit_wolf(*entry) if shrink else entry[0] for name, entry in stats.items()}
+
+
+def ledoit_wolf(gram: np.ndarray, fourth: float, count: int) -> np.ndarray:
+    """The Ledoit-Wolf shrinkage of the second-moment matrix, scaled back to a Gram matrix.
+
+    With ``S = gram / n``, ``m = tr(S) / d``, ``delta^2 = ||S - m I||_F^2`` and
+    ``beta^2 = min(delta^2, (sum_i ||x_i||^4 - n ||S||_F^2) / n^2)``, the estimate is
+    ``n ((beta^2 / delta^2) m I + (1 - beta^2 / delta^2) S)``. Only the Gram matrix and
+    ``sum_i ||x_i||^4`` are needed, so it streams over the feeds (scikit-learn's
+    ``ledoit_wolf`` needs every sample in memory at once).
+
+    References
+    ----------
+    .. [1] O. Ledoit, M. Wolf, "A well-conditioned estimator for large-dimensional covariance
+       matrices", J. Multivariate Analysis 88(2), 2004.
+    """
+    second = gram / count
+    dims = len(second)
+    mean = np.trace(second) / dims
+    delta = float(np.sum((second - mean * np.eye(dims)) ** 2))
+    if delta <= 0:
+        return gram
+    beta = min(delta, max(0.0, (fourth - count * float(np.sum(second**2))) / count**2))
+    weight = beta / delta
+    return count * (weight * mean * np.eye(dims) + (1 - weight) * second)

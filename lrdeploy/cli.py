@@ -345,9 +345,10 @@ def _analyze(args, shapes, console: Console) -> int:
 
 
 def _compress(args, shapes, console: Console) -> int:
-    with console.status("compressing (tracing, factorizing, verifying)"):
+    with console.status("compressing (tracing, factorizing, verifying)") as status:
         result = api.compress(args.model, args.output, input_shapes=shapes, report=args.report,
-                              save_plan=args.save_plan, **_compression_kwargs(args))
+                              save_plan=args.save_plan, **_compression_kwargs(args),
+                              progress=lambda message: status.update(message))
     print_compression(console, result.report)
     written = [p for p in (args.output, args.report, args.save_plan) if p]
     console.print(f"wrote {', '.join(written)}")

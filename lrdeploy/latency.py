@@ -108,6 +108,16 @@ class LatencyModel:
         """Latency of a whole model (never cached: it is what the plan is checked against)."""
         return self._time([model], lambda m: None, feed)[0]
 
+    def side_by_side_ms(self, models: Sequence[ir.Model], feed: runtime.Feeds, rounds: int = 3
+                        ) -> list[float]:
+        """Whole models timed in interleaved rounds (each round times each model once), the
+        median per model: load that comes and goes hits all of them alike."""
+        samples = [[] for _ in models]
+        for _ in range(rounds):
+            for index, model in enumerate(models):
+                samples[index].append(self.model_ms(model, feed))
+        return [statistics.median(s) for s in samples]
+
     def _time(self, models: list[ir.Model], progress: Progress,
               feed: runtime.Feeds | None = None) -> list[float]:
         raise NotImplementedError
@@ -131,6 +141,12 @@ class OnnxruntimeLatency(LatencyModel):
         super().__init__(device, cache)
         self.min_time_s = min_time_s
         self.min_runs = min_runs
+
+    def side_by_side_ms(self, models, feed, rounds=3):
+        sessions = [runtime.session(model) for model in models]
+        samples = [[time_session(session, feed, self.min_time_s, self.min_runs)
+                    for session in sessions] for _ in range(rounds)]
+        return [statistics.median(column) for column in zip(*samples, strict=True)]
 
     def _time(self, models, progress, feed=None):
         if feed is not None:

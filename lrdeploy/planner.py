@@ -6,16 +6,20 @@ measured check of the chosen plan.
 2. Error model: a candidate's *site* error is the relative squared output error of that site on
    the calibration activations (exact from the spectra: the tail of the whitened spectrum for
    data-aware SVD, ``sum_{i>r} s_i^2 u_i^T X^T X u_i`` for plain SVD; the weight error when no
-   data is given). Each site's *sensitivity* k_s is measured once on the model: the squared
-   relative model-output error when only that site is changed (at a mid-grid candidate),
-   divided by its site error. Predicted model error: ``e^2 = sum_s k_s e_s^2`` (additivity,
-   checked on the real model at the end).
+   data is given). Candidates another candidate of the same site beats in both cost and site
+   error are dropped (the search would never keep them). For up to ``PROBES`` of the kept ones
+   the *model* error is measured: the squared relative model-output error on the calibration
+   inputs with only that site changed; the others are interpolated linearly in site error
+   between those measurements (activations such as ReLU6 make the response far from
+   proportional). Predicted model error: ``e^2 = sum_s e_s^2`` (additivity, checked on the
+   real model at the end).
 3. Latency model: every candidate chain (and each site's dense operator) timed on the device
    (``lrdeploy.latency``, cached per device), plus the untouched rest of the model measured
    once: ``rest = T(dense model) - sum_s T(dense site s)``.
 4. Search: a multiple-choice knapsack (``lrdeploy.search``) minimising the predicted error with
    predicted latency (or parameters) within the budget. The chosen plan is applied and measured
-   on the device; while it misses the budget, the budget the search sees is tightened by the
+   on the device (side by side with the dense model, scaled to the dense model's reference
+   time); while it misses the budget, the budget the search sees is tightened by the
    miss and the search repeats (at most ``MAX_ATTEMPTS`` times).
 """
 
@@ -41,6 +45,7 @@ from lrdeploy.targets.devices import Device
 from lrdeploy.verify import reference_outputs
 
 MAX_ATTEMPTS = 5
+PROBES = 3  # candidates per site whose model error is measured, not interpolated
 # Fractions of each full rank in the grid (finer where compression is strongest).
 RANK_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16, 1 / 2, 5 / 8, 3 / 4)
 SEED_ENERGIES = (0.8, 0.9, 0.95, 0.99)
@@ -129,7 +134,7 @@ class Planner:
         feeds: Sequence[runtime.Feeds],
         methods: Sequence[str] = ("svd", "tucker2", "spatial"),
         data_aware: bool = True,
-        sensitivity_feeds: int = 4,
+        error_feeds: int = 4,
         progress: Progress = lambda message: None,
     ) -> None:
         self.analysis = analysis
@@ -144,8 +149,9 @@ class Planner:
                         for site in analysis.sites]
         self.options = [o for o in self.options if len(o.candidates) > 1]
         self.dense_outputs = reference_outputs(analysis.model, self.feeds)[1]
-        self._measure_sensitivity(sensitivity_feeds)
+        self.error_feeds = error_feeds
         self.dense_model_ms: float | None = None
+        self._errors_for: str | None = None  # the cost kind the model errors were pruned by
 
     # -- candidates and their site errors ------------------------------------------------------
 
@@ -185,22 +191,30 @@ class Planner:
             out.append(tail / max(tail[0], 1e-300))
         return out
 
-    # -- sensitivity: the model's response to one site's error ---------------------------------
+    # -- model errors: the model's response to one site's error ------------------------------
 
-    def _measure_sensitivity(self, feeds: int) -> None:
-        probe = self.feeds[:feeds]
+    def _measure_model_errors(self, kind: str) -> None:
+        """Prune dominated candidates by ``kind`` cost, then measure / interpolate each kept
+        candidate's model error (see the module doc)."""
+        if self._errors_for == kind:
+            return
+        probe = self.feeds[: self.error_feeds]
         for index, options in enumerate(self.options):
-            self.progress(f"sensitivity of site {index + 1}/{len(self.options)}")
-            factorized = options.candidates[1:]
-            middle = sorted(factorized, key=lambda c: c.site_error)[len(factorized) // 2]
-            if middle.site_error <= 1e-12:
-                continue
-            entry = PlanEntry(options.site.name, middle.method, list(middle.ranks))
-            model = self.apply(Plan([entry]))
-            error = self.model_error(model, probe)[0] ** 2
-            options.sensitivity = error / middle.site_error
+            self.progress(f"model error of site {index + 1}/{len(self.options)}")
+            options.candidates = _undominated(options.candidates, kind)
+            factorized = sorted(options.candidates[1:], key=lambda c: c.site_error)
+            points = [(0.0, 0.0)]
+            for candidate in _spread(factorized, PROBES):
+                entry = PlanEntry(options.site.name, candidate.method, list(candidate.ranks))
+                error = self.model_error(self.apply(Plan([entry])), probe)[0] ** 2
+                points.append((candidate.site_error, error))
+            points.sort()
+            xs, ys = zip(*points, strict=True)
             for candidate in options.candidates:
-                candidate.model_error = options.sensitivity * candidate.site_error
+                candidate.model_error = _interpolate(candidate.site_error, xs, ys)
+            if xs[-1] > 0:
+                options.sensitivity = ys[-1] / xs[-1]
+        self._errors_for = kind
 
     def apply(self, plan: Plan) -> ir.Model:
         return apply_plan(self.analysis.model, plan, self.analysis.sites, self.analysis.grams)
@@ -242,7 +256,8 @@ class Planner:
         for candidate, ms in zip(where, figures, strict=True):
             candidate.latency_ms = ms
         self.progress("timing the dense model")
-        self.dense_model_ms = self.latency.model_ms(self.analysis.model, self.feeds[0])
+        self.dense_model_ms = self.latency.side_by_side_ms([self.analysis.model],
+                                                           self.feeds[0])[0]
 
     def rest(self, kind: str) -> float:
         """The cost of everything the plan does not touch."""
@@ -277,6 +292,7 @@ class Planner:
         if kind == "ms" and self.dense_model_ms is None:
             self.measure_latency()
         unit = "ms" if kind == "ms" else "params"
+        self._measure_model_errors(kind)
         frontier = self.frontier(kind)
         rest = self.rest(kind)
         least = rest + frontier.least_cost
@@ -295,8 +311,7 @@ class Planner:
             plan = self.plan_of(choice.picks, f"{unit} budget {budget:g}")
             model = self.apply(plan)
             self.progress(f"measuring the plan (attempt {len(attempts) + 1})")
-            measured = (self.latency.model_ms(model, self.feeds[0]) if kind == "ms"
-                        else float(model_params(model)))
+            measured = self._measure(model) if kind == "ms" else float(model_params(model))
             attempts.append({"search_budget": target, "predicted": rest + choice.cost,
                              "measured": measured, "picks": choice.picks})
             trial = (target, measured, plan, model, choice)
@@ -333,6 +348,16 @@ class Planner:
             chains_measured=self.latency.measured, chains_cached=self.latency.reused,
         )
 
+    def _measure(self, model: ir.Model) -> float:
+        """The plan's latency: timed side by side with the dense model and scaled to the
+        dense model's reference time, so that a shared machine's changing load does not
+        decide whether the budget is met (an estimate is taken as is)."""
+        if self.latency.estimate:
+            return self.latency.model_ms(model, self.feeds[0])
+        plan_ms, dense_ms = self.latency.side_by_side_ms(
+            [model, self.analysis.model], self.feeds[0])
+        return plan_ms / dense_ms * self.dense_model_ms
+
     def _site_rows(self, picks: Sequence[int]) -> list[dict]:
         rows = []
         for options, pick in zip(self.options, picks, strict=True):
@@ -345,6 +370,31 @@ class Planner:
                 "sensitivity": options.sensitivity,
             })
         return rows
+
+
+def _undominated(candidates: list[Candidate], kind: str) -> list[Candidate]:
+    """Dense first, then the candidates no other candidate beats in both cost and site error."""
+    dense, rest = candidates[0], sorted(candidates[1:], key=lambda c: (c.cost(kind), c.site_error))
+    kept: list[Candidate] = []
+    for candidate in rest:
+        if candidate.cost(kind) < dense.cost(kind) and all(
+                candidate.site_error < k.site_error for k in kept):
+            kept.append(candidate)
+    return [dense, *kept]
+
+
+def _spread(items: list, count: int) -> list:
+    """Up to ``count`` items evenly spread over ``items``, both ends included."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear through the points; beyond the last, proportional to its ratio."""
+    if x >= xs[-1]:
+        return ys[-1] * x / xs[-1] if xs[-1] > 0 else 0.0
+    return float(np.interp(x, xs, ys))
 
 
 def _next_search_budget(budget: float, met, missed) -> float | None:

@@ -87,6 +87,9 @@ class Frontier:
     def best(self, budget: float) -> Choice:
         """The least-error choice whose cost (in whole bins) fits ``budget``."""
         limit = min(len(self._best) - 1, math.floor(budget / self.bin_size + 1e-9))
+        if budget >= self.least_cost:
+            # Costs round up to whole bins: the cheapest choice always fits its own cost.
+            limit = max(limit, sum(min(bins) for bins in self._bins))
         if limit < 0 or not np.isfinite(self._best[: limit + 1]).any():
             raise LrdeployError(f"budget {budget:g} is below the least reachable cost "
                                 f"{self.least_cost:g}")

@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_model, run_cli, tensor_value
 from onnx import helper, numpy_helper
 
 import lrdeploy
+from conftest import make_model, run_cli, tensor_value
 from lrdeploy import runtime
 from lrdeploy.analysis import analyze_model
 from lrdeploy.api import Budget, plan_for_budget
-from lrdeploy.calibration import site_grams
+from lrdeploy.calibration import ledoit_wolf, site_grams
 from lrdeploy.decompositions import (
     svd_factors,
     svd_output_errors,
@@ -176,15 +176,33 @@ def test_grams_and_standalone_chains(mlp, tmp_path):
     loaded = lrdeploy.load(mlp)
     analysis = analyze_model(loaded.canonical)
     feeds = runtime.load_calibration(_calibration(mlp, tmp_path, 2), analysis.specs)
-    grams = site_grams(loaded.canonical, analysis.sites, feeds)
+    raw = site_grams(loaded.canonical, analysis.sites, feeds, shrink=False)
     x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
-    assert np.allclose(grams["fc1"], x.T @ x, rtol=1e-6)
+    assert np.allclose(raw["fc1"], x.T @ x, rtol=1e-6)
+    # Ledoit-Wolf keeps the trace and lifts the smallest eigenvalues (512 samples, 512 features)
+    shrunk = site_grams(loaded.canonical, analysis.sites, feeds)["fc1"]
+    assert np.trace(shrunk) == pytest.approx(np.trace(raw["fc1"]))
+    assert np.linalg.eigvalsh(shrunk)[0] > 2 * np.linalg.eigvalsh(raw["fc1"])[0]
     one = standalone(loaded.canonical, analysis.sites[0])
     assert [n.op_type for n in one.graph] == ["MatMul"]
     out = runtime.run(runtime.session(one), {"x": feeds[0]["x"]})["y"]
     assert np.allclose(out, feeds[0]["x"] @ analysis.sites[0].weight, rtol=1e-4, atol=1e-4)
     factorized = apply_plan(one, Plan([PlanEntry("fc1", "svd", [16])]), analysis.sites[:1])
     assert structure_key(factorized) != structure_key(one)
+
+
+def test_ledoit_wolf_shrinks_only_when_samples_are_few():
+    rng = np.random.default_rng(3)
+
+    def shrunk(rows: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.standard_normal((rows, 40)) * np.exp(-np.arange(40) / 8)
+        gram = x.T @ x
+        return gram, ledoit_wolf(gram, float(np.sum(np.sum(x**2, axis=1) ** 2)), rows)
+
+    gram, estimate = shrunk(20000)
+    assert np.linalg.norm(estimate - gram) < 0.02 * np.linalg.norm(gram)
+    gram, estimate = shrunk(10)  # rank 10 of 40: the estimate must be full rank
+    assert np.linalg.matrix_rank(gram) == 10 and np.linalg.eigvalsh(estimate)[0] > 0
 
 
 def test_roofline_plans_for_an_unreachable_device(mlp, latency_cache):
