@@ -5,7 +5,8 @@ latency measured with onnxruntime), side by side in one run.
 
 For each model and each budget (a fraction of the dense model's onnxruntime latency, measured
 first), four ways of choosing ranks each meet the budget, then all are timed in interleaved
-rounds and scored for fidelity on held-out data:
+rounds (each figure: the median of a 0.5 s burst of runs; the least over the rounds, i.e. the
+round a shared machine's load disturbed least) and scored for fidelity on held-out data:
 
     uniform energy  one energy:E for every site (MNN-style), E bisected on measured latency
     greedy MACs     per-layer ranks by a greedy error-per-MAC rule (AIMET-style), the MAC
@@ -28,7 +29,6 @@ import argparse
 import dataclasses
 import importlib.metadata
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -292,14 +292,14 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
     for _ in range(rounds):  # interleaved: a burst of load hits every configuration alike
         for config, session in sessions:
             samples[id(config)].append(time_session(session, feed, 0.5, 10))
-    dense_round_ms = statistics.median(samples[id(configs[0])])
+    dense_round_ms = min(samples[id(configs[0])])
     rows = []
     for config in configs:
         row = {"model": task.name, "budget": config["budget"], "how": config["how"]}
         if config["model"] is None:
             rows.append(row)
             continue
-        ms = statistics.median(samples[id(config)])
+        ms = min(samples[id(config)])  # the least-disturbed round, as the planner measures
         # Budgets are fractions of the dense latency: compare with dense timed in these rounds.
         row.update(ms=ms, vs_budget=ms / (config["budget"] * dense_round_ms)
                    if config["budget"] else None,

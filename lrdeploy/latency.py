@@ -111,12 +111,13 @@ class LatencyModel:
     def side_by_side_ms(self, models: Sequence[ir.Model], feed: runtime.Feeds, rounds: int = 3
                         ) -> list[float]:
         """Whole models timed in interleaved rounds (each round times each model once), the
-        median per model: load that comes and goes hits all of them alike."""
+        least per model: load that comes and goes hits all of them alike, and the round it
+        disturbed least is the model's own cost."""
         samples = [[] for _ in models]
         for _ in range(rounds):
             for index, model in enumerate(models):
                 samples[index].append(self.model_ms(model, feed))
-        return [statistics.median(s) for s in samples]
+        return [min(s) for s in samples]
 
     def _time(self, models: list[ir.Model], progress: Progress,
               feed: runtime.Feeds | None = None) -> list[float]:
@@ -146,7 +147,7 @@ class OnnxruntimeLatency(LatencyModel):
         sessions = [runtime.session(model) for model in models]
         samples = [[time_session(session, feed, self.min_time_s, self.min_runs)
                     for session in sessions] for _ in range(rounds)]
-        return [statistics.median(column) for column in zip(*samples, strict=True)]
+        return [min(column) for column in zip(*samples, strict=True)]
 
     def _time(self, models, progress, feed=None):
         if feed is not None:

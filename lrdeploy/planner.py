@@ -26,6 +26,7 @@ measured check of the chosen plan.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -150,7 +151,7 @@ class Planner:
         self.options = [o for o in self.options if len(o.candidates) > 1]
         self.dense_outputs = reference_outputs(analysis.model, self.feeds)[1]
         self.error_feeds = error_feeds
-        self.dense_model_ms: float | None = None
+        self._dense_ms: list[float] = []  # every timing of the dense model, for its median
         self._errors_for: str | None = None  # the cost kind the model errors were pruned by
 
     # -- candidates and their site errors ------------------------------------------------------
@@ -256,8 +257,14 @@ class Planner:
         for candidate, ms in zip(where, figures, strict=True):
             candidate.latency_ms = ms
         self.progress("timing the dense model")
-        self.dense_model_ms = self.latency.side_by_side_ms([self.analysis.model],
-                                                           self.feeds[0])[0]
+        self._dense_ms.append(self.latency.side_by_side_ms([self.analysis.model],
+                                                           self.feeds[0])[0])
+
+    @property
+    def dense_model_ms(self) -> float | None:
+        """The dense model's reference time: the median of every timing of it so far (each
+        measured plan is timed beside it again), so one unlucky timing does not set it."""
+        return statistics.median(self._dense_ms) if self._dense_ms else None
 
     def rest(self, kind: str) -> float:
         """The cost of everything the plan does not touch."""
@@ -356,6 +363,7 @@ class Planner:
             return self.latency.model_ms(model, self.feeds[0])
         plan_ms, dense_ms = self.latency.side_by_side_ms(
             [model, self.analysis.model], self.feeds[0])
+        self._dense_ms.append(dense_ms)
         return plan_ms / dense_ms * self.dense_model_ms
 
     def _site_rows(self, picks: Sequence[int]) -> list[dict]:

@@ -21,7 +21,8 @@ from lrdeploy.decompositions import (
     whitened_singular_values,
     whitened_svd_factors,
 )
-from lrdeploy.latency import OnnxruntimeLatency, RooflineLatency, structure_key
+from lrdeploy.errors import LrdeployWarning
+from lrdeploy.latency import OnnxruntimeLatency, RooflineLatency, TvmLatency, structure_key
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
 from lrdeploy.planner import Planner, standalone
 from lrdeploy.search import Frontier, Option
@@ -206,7 +207,8 @@ def test_ledoit_wolf_shrinks_only_when_samples_are_few():
 
 
 def test_roofline_plans_for_an_unreachable_device(mlp, latency_cache):
-    outcome = plan_for_budget(mlp, Budget("ms", 1e6, target="rpi4"))
+    with pytest.warns(LrdeployWarning, match="no calibration data"):
+        outcome = plan_for_budget(mlp, Budget("ms", 1e6, target="rpi4"))
     assert outcome.estimate and "estimate" in outcome.engine
     assert outcome.plan.factorized() == []  # a generous budget keeps everything dense
     device = get_device("rpi4")
@@ -215,3 +217,16 @@ def test_roofline_plans_for_an_unreachable_device(mlp, latency_cache):
                                                                            np.float32)})
     flops = 2 * 2 * 256 * 512 * 1024
     assert dense >= flops / (device.peak_gflops * 1e6)
+
+
+def test_tvm_engine_times_chains_on_host_and_caches_them(mlp, latency_cache):
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    site = analysis.sites[0]
+    dense = standalone(analysis.model, site)
+    chain = apply_plan(dense, Plan([PlanEntry(site.name, "svd", [32])]), analysis.sites[:1])
+    engine = TvmLatency(get_device("host"))
+    dense_ms, chain_ms = engine.chain_ms([dense, chain])
+    assert engine.measured == 2 and 0 < chain_ms < dense_ms  # rank 32 of 512: 8x fewer FLOPs
+    again = TvmLatency(get_device("host"))
+    assert again.chain_ms([chain]) == [chain_ms] and again.measured == 0
+    assert (latency_cache / "latency" / "host-tvm.json").is_file()
