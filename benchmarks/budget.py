@@ -5,8 +5,8 @@ latency measured with onnxruntime), side by side in one run.
 
 For each model and each budget (a fraction of the dense model's onnxruntime latency, measured
 first), four ways of choosing ranks each meet the budget, then all are timed in interleaved
-rounds (each figure: the median of a 0.5 s burst of runs; the least over the rounds, i.e. the
-round a shared machine's load disturbed least) and scored for fidelity on held-out data:
+pairs beside the dense model (as the planner checks a plan: fresh sessions, interleaved rounds,
+the least-disturbed round of each) and scored for fidelity on held-out data:
 
     uniform energy  one energy:E for every site (MNN-style), E bisected on measured latency
     greedy MACs     per-layer ranks by a greedy error-per-MAC rule (AIMET-style), the MAC
@@ -44,7 +44,7 @@ import lrdeploy  # noqa: E402
 from lrdeploy import runtime  # noqa: E402
 from lrdeploy.analysis import ModelAnalysis, analyze_model  # noqa: E402
 from lrdeploy.calibration import site_grams  # noqa: E402
-from lrdeploy.latency import OnnxruntimeLatency, time_session  # noqa: E402
+from lrdeploy.latency import OnnxruntimeLatency  # noqa: E402
 from lrdeploy.methods import DENSE  # noqa: E402
 from lrdeploy.plan import Plan, PlanEntry, apply_plan, make_plan  # noqa: E402
 from lrdeploy.planner import Planner, rank_grid  # noqa: E402
@@ -286,23 +286,24 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
                         "model": apply_plan(plain.model, Plan(entries), plain.sites)})
         configs.append({"budget": None, "how": "same ranks, whitened SVD",
                         "model": tightest[-1]["model"]})
-    timed = [c for c in configs if c["model"] is not None]
-    sessions = [(c, runtime.session(c["model"])) for c in timed]
-    samples: dict[int, list[float]] = {id(c): [] for c in timed}
-    for _ in range(rounds):  # interleaved: a burst of load hits every configuration alike
-        for config, session in sessions:
-            samples[id(config)].append(time_session(session, feed, 0.5, 10))
-    dense_round_ms = min(samples[id(configs[0])])
+    # Each configuration is timed beside the dense model, in pairs (fresh sessions, the least
+    # of ``rounds`` interleaved timings each), exactly as the planner checks a plan; ratios to
+    # dense are then what a shared machine's changing load does not move.
+    ratios: dict[int, float] = {}
+    for config in configs[1:]:
+        if config["model"] is not None:
+            model_ms, reference_ms = latency.side_by_side_ms([config["model"], plain.model],
+                                                             feed, rounds)
+            ratios[id(config)] = model_ms / reference_ms
     rows = []
     for config in configs:
         row = {"model": task.name, "budget": config["budget"], "how": config["how"]}
         if config["model"] is None:
             rows.append(row)
             continue
-        ms = min(samples[id(config)])  # the least-disturbed round, as the planner measures
-        # Budgets are fractions of the dense latency: compare with dense timed in these rounds.
-        row.update(ms=ms, vs_budget=ms / (config["budget"] * dense_round_ms)
-                   if config["budget"] else None,
+        ratio = ratios.get(id(config), 1.0)
+        row.update(ms=ratio * dense_ms, vs_dense=ratio,
+                   vs_budget=ratio / config["budget"] if config["budget"] else None,
                    params=model_params(config["model"]), **task.fidelity(config["model"]))
         rows.append(row)
     print(f"{task.name} done in {time.time() - started:.0f} s", flush=True)
@@ -310,11 +311,12 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
 
 
 def print_rows(rows: list[dict]) -> None:
-    metrics = [k for k in rows[0] if k not in ("model", "budget", "how", "ms", "vs_budget",
-                                              "params")]
-    header = f"{'budget':>7} {'configuration':<28} {'ms':>8} {'vs budget':>9} {'params':>11} " \
-        + " ".join(f"{m:>16}" for m in metrics)
-    print("(vs budget: measured / (budget fraction x dense ms), dense timed in the same rounds)")
+    metrics = [k for k in rows[0] if k not in ("model", "budget", "how", "ms", "vs_dense",
+                                              "vs_budget", "params")]
+    header = f"{'budget':>7} {'configuration':<28} {'ms':>8} {'vs dense':>8} {'vs budget':>9} " \
+        f"{'params':>11} " + " ".join(f"{m:>16}" for m in metrics)
+    print("(vs dense: timed beside the dense model; vs budget = vs dense / budget fraction; "
+          "ms = vs dense x the dense ms)")
     print(f"\n{rows[0]['model']}\n{header}")
     for row in rows:
         budget = f"{row['budget']:.0%}" if row["budget"] else "-"
@@ -322,8 +324,8 @@ def print_rows(rows: list[dict]) -> None:
             print(f"{budget:>7} {row['how']:<28} (below the least reachable latency)")
             continue
         ratio = f"{row['vs_budget']:.3f}" if row["vs_budget"] else "-"
-        print(f"{budget:>7} {row['how']:<28} {row['ms']:8.3f} {ratio:>9} {row['params']:>11,} "
-              + " ".join(f"{row[m]:16.4f}" for m in metrics))
+        print(f"{budget:>7} {row['how']:<28} {row['ms']:8.3f} {row['vs_dense']:8.3f} {ratio:>9} "
+              f"{row['params']:>11,} " + " ".join(f"{row[m]:16.4f}" for m in metrics))
 
 
 def main() -> None:
@@ -332,7 +334,8 @@ def main() -> None:
                         choices=["minilm", "mobilenet"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6])
     parser.add_argument("--calib", type=int, default=32, help="calibration samples")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of each final timing pair")
     args = parser.parse_args()
     tasks = {"minilm": minilm_task, "mobilenet": mobilenet_task}
     for name in args.models:

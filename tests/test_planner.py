@@ -230,3 +230,15 @@ def test_tvm_engine_times_chains_on_host_and_caches_them(mlp, latency_cache):
     again = TvmLatency(get_device("host"))
     assert again.chain_ms([chain]) == [chain_ms] and again.measured == 0
     assert (latency_cache / "latency" / "host-tvm.json").is_file()
+
+
+def test_compile_with_a_parameter_budget(mlp, tmp_path, latency_cache):
+    out = tmp_path / "art"
+    done = run_cli("compile", mlp, "--budget-params", "300000", "-o", out)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert any(e["method"] == "svd" for e in plan["entries"])
+    assert manifest["onnx_param_bytes"] <= 4 * 300000
+    done = run_cli("verify", out)
+    assert done.returncode == 0, done.stderr
