@@ -265,7 +265,7 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
                         "model": apply_plan(plain.model, plan, plain.sites)})
         for how, planner in planners.items():
             try:
-                outcome = planner.solve("ms", budget)
+                outcome = planner.solve("ms", fraction, relative=True)
             except lrdeploy.LrdeployError as exc:
                 print(f"{how} at {fraction:.0%}: {exc}", flush=True)
                 configs.append({"budget": fraction, "how": f"{how}: refused", "model": None})

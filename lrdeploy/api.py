@@ -250,6 +250,7 @@ class Budget:
 
     kind: str
     value: float
+    relative: bool = False  # value is a fraction of the dense model's cost on the target
     target: str = "host"
     engine: str | None = None
     rpc: str | None = None
@@ -262,12 +263,14 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in ("ms", "params"):
             raise LrdeployError(f"budget kind must be 'ms' or 'params', not {self.kind!r}")
-        if not self.value > 0:
-            raise LrdeployError(f"the budget must be positive (got {self.value:g})")
+        if not self.value > 0 or (self.relative and self.value > 1):
+            limit = " and at most 100%" if self.relative else ""
+            raise LrdeployError(f"the budget must be positive{limit} (got {self})")
 
     def __str__(self) -> str:
         flag = "--budget-ms" if self.kind == "ms" else "--budget-params"
-        return f"{flag} {self.value:g} --target {self.target}"
+        value = f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
+        return f"{flag} {value} --target {self.target}"
 
 
 def plan_for_budget(
@@ -318,4 +321,4 @@ def _search(analysis: ModelAnalysis, budget: Budget, calib_feeds, samples: int, 
                             budget.cache, budget.device_file)
     planner = Planner(analysis, device, latency, feeds, data_aware=budget.data_aware,
                       progress=progress)
-    return planner.solve(budget.kind, budget.value)
+    return planner.solve(budget.kind, budget.value, relative=budget.relative)

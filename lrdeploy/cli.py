@@ -128,11 +128,13 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
                            help="device the budget is for (lrdeploy targets); default host")
         group.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
     budgets = group.add_mutually_exclusive_group(required=required)
-    budgets.add_argument("--budget-ms", type=float, metavar="MS",
-                         help="latency budget on the target (replaces --rank)")
-    budgets.add_argument("--budget-params", type=float, metavar="P",
+    budgets.add_argument("--budget-ms", metavar="MS|PCT%",
+                         help="latency budget on the target in ms, or a share of the dense "
+                              "model's latency there, e.g. 75%% (replaces --rank)")
+    budgets.add_argument("--budget-params", metavar="P|PCT%",
                          help="parameter budget (weights in the whole model), e.g. for "
-                              "flash-bound devices (replaces --rank)")
+                              "flash-bound devices, or a share of the dense model's (replaces "
+                              "--rank)")
     group.add_argument("--engine", choices=ENGINES,
                        help="how latency is known: onnxruntime (measured here; host only), tvm "
                             "(compiled and timed on the target: in-process for host, else over "
@@ -152,9 +154,15 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
 def _budget(args) -> api.Budget | None:
     if getattr(args, "budget_ms", None) is None and getattr(args, "budget_params", None) is None:
         return None
-    kind, value = ("ms", args.budget_ms) if args.budget_ms is not None else \
+    kind, text = ("ms", args.budget_ms) if args.budget_ms is not None else \
         ("params", args.budget_params)
-    return api.Budget(kind, value, target=args.target, engine=args.engine, rpc=args.rpc,
+    relative = text.strip().endswith("%")
+    try:
+        value = float(text.strip().rstrip("%")) / (100 if relative else 1)
+    except ValueError:
+        raise LrdeployError(f"--budget-{kind} {text!r}: expected a number or a percentage "
+                            "such as 75%") from None
+    return api.Budget(kind, value, relative, target=args.target, engine=args.engine, rpc=args.rpc,
                       tracker=args.tracker, key=args.key, device_file=args.device_file,
                       data_aware=not args.plain_svd, cache=not args.no_latency_cache)
 

@@ -292,12 +292,23 @@ class Planner:
 
     # -- the search with its measured check -----------------------------------------------------
 
-    def solve(self, kind: str, budget: float, tolerance: float = 0.05) -> PlanOutcome:
-        """The least-error plan whose measured cost meets ``budget``; see the module doc."""
+    def solve(self, kind: str, budget: float, tolerance: float = 0.05,
+              relative: bool = False) -> PlanOutcome:
+        """The least-error plan whose measured cost meets ``budget``; see the module doc.
+
+        ``relative``: the budget is a fraction of the dense model's cost. Every plan is timed
+        beside the dense model, so a relative budget is checked on that ratio alone and holds
+        however fast the device happens to be at the time (a shared host, thermal throttling).
+        """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
         if kind == "ms" and self.dense_model_ms is None:
             self.measure_latency()
+        reference = None
+        if relative:
+            reference = (self.dense_model_ms if kind == "ms"
+                         else float(model_params(self.analysis.model)))
+            budget = budget * reference
         unit = "ms" if kind == "ms" else "params"
         self._measure_model_errors(kind)
         frontier = self.frontier(kind)
@@ -318,7 +329,8 @@ class Planner:
             plan = self.plan_of(choice.picks, f"{unit} budget {budget:g}")
             model = self.apply(plan)
             self.progress(f"measuring the plan (attempt {len(attempts) + 1})")
-            measured = self._measure(model) if kind == "ms" else float(model_params(model))
+            measured = (self._measure(model, reference) if kind == "ms"
+                        else float(model_params(model)))
             attempts.append({"search_budget": target, "predicted": rest + choice.cost,
                              "measured": measured, "picks": choice.picks})
             trial = (target, measured, plan, model, choice)
@@ -355,16 +367,17 @@ class Planner:
             chains_measured=self.latency.measured, chains_cached=self.latency.reused,
         )
 
-    def _measure(self, model: ir.Model) -> float:
+    def _measure(self, model: ir.Model, reference: float | None = None) -> float:
         """The plan's latency: timed side by side with the dense model and scaled to the
-        dense model's reference time, so that a shared machine's changing load does not
-        decide whether the budget is met (an estimate is taken as is)."""
+        dense model's reference time (``reference``, else the running median), so that a
+        shared machine's changing load does not decide whether the budget is met (an
+        estimate is taken as is)."""
         if self.latency.estimate:
             return self.latency.model_ms(model, self.feeds[0])
         plan_ms, dense_ms = self.latency.side_by_side_ms(
             [model, self.analysis.model], self.feeds[0])
         self._dense_ms.append(dense_ms)
-        return plan_ms / dense_ms * self.dense_model_ms
+        return plan_ms / dense_ms * (reference or self.dense_model_ms)
 
     def _site_rows(self, picks: Sequence[int]) -> list[dict]:
         rows = []

@@ -127,8 +127,9 @@ def test_budget_is_met_on_host_and_the_latency_cache_is_reused(mlp, tmp_path, la
     planner = Planner(analysis, device, OnnxruntimeLatency(device), feeds)
     planner.measure_latency()
     assert planner.latency.measured > 0
-    budget = 0.7 * planner.dense_model_ms
-    outcome = planner.solve("ms", budget)
+    outcome = planner.solve("ms", 0.7, relative=True)  # 70% of the dense model's latency
+    budget = outcome.budget
+    assert budget == pytest.approx(0.7 * planner.dense_model_ms, rel=0.2)
     assert outcome.measured <= 1.05 * budget
     assert outcome.plan.factorized()
     assert outcome.frontier[0]["cost"] < outcome.frontier[-1]["cost"]
@@ -156,6 +157,11 @@ def test_cli_plan_round_trip_and_impossible_budget(mlp, tmp_path, latency_cache)
                    tmp_path / "c.json")
     assert done.returncode == 0, done.stderr
     assert lrdeploy.sites.model_params(lrdeploy.load(out).canonical) == data["measured"]
+    done = run_cli("plan", mlp, "--budget-params", "30%", "--report", report)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    assert data["measured"] <= 0.3 * data["dense"]
+    assert data["budget"]["value"] == pytest.approx(0.3 * data["dense"])
     done = run_cli("plan", mlp, "--budget-ms", "0.0001", "-o", tmp_path / "never.json")
     assert done.returncode == 2 and "below the least reachable" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "never.json").exists()
