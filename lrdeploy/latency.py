@@ -171,7 +171,7 @@ def _identity_of(model: ir.Model) -> ir.Model:
     inputs = [ir.Value(name=v.name, shape=v.shape, type=v.type) for v in model.graph.inputs]
     nodes = [ir.node("Identity", [v]) for v in inputs]
     graph = ir.Graph(inputs, [n.outputs[0] for n in nodes], nodes=nodes,
-                     opset_imports=dict(model.opset_imports))
+                     opset_imports=dict(model.opset_imports), name="identity")
     for index, node in enumerate(nodes):
         node.outputs[0].name, node.outputs[0].type = f"out{index}", inputs[index].type
     return ir.Model(graph, ir_version=model.ir_version)

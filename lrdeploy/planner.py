@@ -320,24 +320,30 @@ class Planner:
                 f"on {self.device.name} ({self.latency.label if kind == 'ms' else 'parameters'}"
                 "; every site at its cheapest option)")
         attempts: list[dict] = []
-        met = missed = None  # (search budget, measured, plan, model, choice) of the best each
+        met = missed = None  # (predicted, measured, plan, model, choice) of the best each
         target = budget
-        for _ in range(MAX_ATTEMPTS):
-            choice = frontier.best(max(target, least) - rest)
-            if any(a["picks"] == choice.picks for a in attempts):
+        for _ in range(3 * MAX_ATTEMPTS):  # bounded: repeated choices are not measured again
+            if len(attempts) == MAX_ATTEMPTS:
                 break
+            choice = frontier.best(max(target, least) - rest)
+            predicted = rest + choice.cost
+            if any(a["picks"] == choice.picks for a in attempts):
+                if target <= least:
+                    break
+                target = min(target, predicted) - 0.02 * budget  # step past the repeat
+                continue
             plan = self.plan_of(choice.picks, f"{unit} budget {budget:g}")
             model = self.apply(plan)
             self.progress(f"measuring the plan (attempt {len(attempts) + 1})")
             measured = (self._measure(model, reference) if kind == "ms"
                         else float(model_params(model)))
-            attempts.append({"search_budget": target, "predicted": rest + choice.cost,
+            attempts.append({"search_budget": target, "predicted": predicted,
                              "measured": measured, "picks": choice.picks})
-            trial = (target, measured, plan, model, choice)
+            trial = (predicted, measured, plan, model, choice)
             if measured <= budget:
                 if met is None or choice.error < met[4].error:
                     met = trial
-            elif missed is None or target < missed[0]:
+            elif missed is None or predicted < missed[0]:
                 missed = trial
             if kind == "params" or self.latency.estimate:
                 break
@@ -419,11 +425,12 @@ def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 def _next_search_budget(budget: float, met, missed) -> float | None:
-    """The next budget to give the search after a measured attempt, or None to stop.
+    """The next budget to give the search after a measured attempt, or None to stop; ``met``
+    and ``missed`` are (predicted, measured, ...) of the best plan within / over the budget.
 
-    Only a miss: lower it by the miss (plus 1%). Only a fit: raise it by the slack when that
-    is above 3%. Both: interpolate linearly (measured against search budget) between them,
-    stopping once they are within 1% of the budget.
+    Only a miss: the prediction that missed, lowered by the miss (plus 1%). Only a fit: raised
+    by the slack when that is above 3%. Both: interpolate linearly (measured against
+    predicted) between them, stopping once they are within 1% of the budget.
     """
     if missed is not None and met is None:
         return missed[0] - (missed[1] - budget) - 0.01 * budget
@@ -431,7 +438,7 @@ def _next_search_budget(budget: float, met, missed) -> float | None:
         slack = budget - met[1]
         return met[0] + slack if slack > 0.03 * budget else None
     (low, low_ms), (high, high_ms) = met[:2], missed[:2]
-    if high - low < 0.01 * budget or high_ms <= low_ms:
+    if abs(high - low) < 0.01 * budget or high_ms <= low_ms:
         return None
     return low + (budget - low_ms) * (high - low) / (high_ms - low_ms)
 
@@ -473,5 +480,9 @@ def standalone(model: ir.Model, site: Site) -> ir.Model:
     output = clone.outputs[0]
     output.name, output.type = "y", node.outputs[0].type
     graph = ir.Graph(graph_inputs, [output], nodes=[clone], initializers=initializers,
-                     opset_imports=dict(model.opset_imports))
-    return ir.Model(graph, ir_version=model.ir_version)
+                     opset_imports=dict(model.opset_imports), name="site")
+    alone = ir.Model(graph, ir_version=model.ir_version)
+    # A saved model needs its output's shape (TVM's importer and the checker read it).
+    feed = runtime.random_inputs(alone, runtime.input_specs(alone))
+    output.shape = ir.Shape(runtime.run(runtime.session(alone), feed)["y"].shape)
+    return alone
