@@ -108,7 +108,12 @@ def svd_output_errors(matrix: np.ndarray, gram: np.ndarray) -> np.ndarray:
     and the v_i are orthonormal, so the error is ``sum_{i>r} s_i^2 u_i^T gram u_i``.
     """
     u, s, _ = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
-    energy = s**2 * np.einsum("ij,jk,ki->i", u.T, np.asarray(gram, dtype=np.float64), u)
+    return tail_sums(s**2 * np.einsum("ij,jk,ki->i", u.T, np.asarray(gram, dtype=np.float64), u))
+
+
+def tail_sums(energy: np.ndarray) -> np.ndarray:
+    """Entry r is ``sum(energy[r:])`` for r = 0 .. len(energy): what truncating to rank r
+    leaves out, when ``energy[i]`` is the share of direction i."""
     return np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
 
 

@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from lrdeploy import runtime
 from lrdeploy.analysis import ModelAnalysis
-from lrdeploy.decompositions import svd_output_errors
+from lrdeploy.decompositions import svd_output_errors, tail_sums
 from lrdeploy.errors import LrdeployError
 from lrdeploy.latency import LatencyModel
 from lrdeploy.methods import DENSE, rule_for
@@ -43,7 +43,7 @@ from lrdeploy.plan import Plan, PlanEntry, apply_plan
 from lrdeploy.search import Frontier, Option
 from lrdeploy.sites import Site, model_params
 from lrdeploy.targets.devices import Device
-from lrdeploy.verify import reference_outputs
+from lrdeploy.verify import compare_outputs, reference_outputs
 
 MAX_ATTEMPTS = 5
 PROBES = 3  # candidates per site whose model error is measured, not interpolated
@@ -149,7 +149,7 @@ class Planner:
         self.options = [SiteOptions(site, self._candidates(site, methods))
                         for site in analysis.sites]
         self.options = [o for o in self.options if len(o.candidates) > 1]
-        self.dense_outputs = reference_outputs(analysis.model, self.feeds)[1]
+        self.dense_outputs = reference_outputs(analysis.model, self.feeds)
         self.error_feeds = error_feeds
         self._dense_ms: list[float] = []  # every timing of the dense model, for its median
         self._errors_for: str | None = None  # the cost kind the model errors were pruned by
@@ -183,14 +183,10 @@ class Planner:
             rule = rule_for(method, site)
             matrix = rule.unfoldings(site)[0]
             matrix = matrix if site.side == "right" else matrix.T
-            tail = svd_output_errors(matrix, grams[site.name])
-            return [tail / max(tail[0], 1e-300)]
-        out = []
-        for s in spectra:
-            energy = np.asarray(s, dtype=np.float64) ** 2
-            tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
-            out.append(tail / max(tail[0], 1e-300))
-        return out
+            tails = [svd_output_errors(matrix, grams[site.name])]
+        else:
+            tails = [tail_sums(np.asarray(s, dtype=np.float64) ** 2) for s in spectra]
+        return [tail / max(tail[0], 1e-300) for tail in tails]
 
     # -- model errors: the model's response to one site's error ------------------------------
 
@@ -227,17 +223,11 @@ class Planner:
         feeds = self.feeds if feeds is None else feeds
         session = runtime.session(model)
         produced = [list(runtime.run(session, feed).values()) for feed in feeds]
-        errors, cosine = [], 1.0
-        for index in range(len(produced[0])):
-            ref = np.concatenate([np.asarray(r[index], np.float64).ravel()
-                                  for r in self.dense_outputs[: len(feeds)]])
-            out = np.concatenate([np.asarray(p[index], np.float64).ravel() for p in produced])
-            norm = float(ref @ ref)
-            errors.append(float(np.sum((ref - out) ** 2)) / norm if norm > 0 else 0.0)
-            denominator = np.linalg.norm(ref) * np.linalg.norm(out)
-            if denominator > 0:
-                cosine = min(cosine, float(ref @ out / denominator))
-        return math.sqrt(float(np.mean(errors))), cosine
+        names, reference, unoptimized = self.dense_outputs
+        fidelity = compare_outputs(names, reference[: len(feeds)], produced,
+                                   unoptimized[: len(feeds)])
+        error = math.sqrt(float(np.mean([f.relative_l2_error**2 for f in fidelity])))
+        return error, min(f.cosine for f in fidelity)
 
     # -- latency --------------------------------------------------------------------------------
 
@@ -266,11 +256,13 @@ class Planner:
         measured plan is timed beside it again), so one unlucky timing does not set it."""
         return statistics.median(self._dense_ms) if self._dense_ms else None
 
+    def dense_cost(self, kind: str) -> float:
+        """The dense model's latency reference (ms) or parameter count."""
+        return self.dense_model_ms if kind == "ms" else float(model_params(self.analysis.model))
+
     def rest(self, kind: str) -> float:
         """The cost of everything the plan does not touch."""
-        dense_sites = sum(o.candidates[0].cost(kind) for o in self.options)
-        total = self.dense_model_ms if kind == "ms" else model_params(self.analysis.model)
-        return total - dense_sites
+        return self.dense_cost(kind) - sum(o.candidates[0].cost(kind) for o in self.options)
 
     def frontier(self, kind: str) -> Frontier:
         groups = [[Option(c.cost(kind), c.model_error) for c in o.candidates]
@@ -304,10 +296,8 @@ class Planner:
             raise ValueError(f"kind must be one of {KINDS}")
         if kind == "ms" and self.dense_model_ms is None:
             self.measure_latency()
-        reference = None
+        reference = self.dense_cost(kind) if relative else None
         if relative:
-            reference = (self.dense_model_ms if kind == "ms"
-                         else float(model_params(self.analysis.model)))
             budget = budget * reference
         unit = "ms" if kind == "ms" else "params"
         self._measure_model_errors(kind)
@@ -352,18 +342,17 @@ class Planner:
                 break
         for attempt in attempts:
             attempt["picks"] = list(attempt["picks"])
-        best = met or min((a for a in [missed] if a), key=lambda t: t[1])
-        _, measured, plan, model, choice = best
+        # The first attempt is always measured, so one of the two is set.
+        predicted, measured, plan, model, choice = met or missed
         if measured > budget * (1 + tolerance):
             raise LrdeployError(
                 f"budget {budget:g} {unit} missed after {len(attempts)} attempt(s): the best "
                 f"plan measured {measured:.4g} {unit} on {self.device.name} (predicted "
-                f"{rest + choice.cost:.4g}); the least reachable is about {least:.4g}")
+                f"{predicted:.4g}); the least reachable is about {least:.4g}")
         error, cosine = self.model_error(model)
-        dense = self.dense_model_ms if kind == "ms" else float(model_params(self.analysis.model))
         return PlanOutcome(
-            plan=plan, model=model, kind=kind, budget=budget, dense=dense,
-            predicted=rest + choice.cost, measured=measured,
+            plan=plan, model=model, kind=kind, budget=budget, dense=self.dense_cost(kind),
+            predicted=predicted, measured=measured,
             predicted_error=math.sqrt(choice.error), measured_error=error, cosine=cosine,
             engine=self.latency.label if kind == "ms" else "parameter count",
             estimate=kind == "ms" and self.latency.estimate,
