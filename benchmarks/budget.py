@@ -2,6 +2,11 @@
 latency measured with onnxruntime), side by side in one run.
 
     .venv/bin/python benchmarks/budget.py [--models minilm mobilenet] [--budgets 0.9 0.75 0.6]
+                                          [--threads 1]
+
+Timings use one onnxruntime thread by default (``--threads``): on this 2-core shared VM, two
+fresh-session timings of the same model with two threads differ by 5% and at times by 70%, with
+one thread by about 1%, and the budget check is only as good as the timing.
 
 For each model and each budget (a fraction of the dense model's onnxruntime latency, measured
 first), four ways of choosing ranks each meet the budget, then all are timed in interleaved
@@ -231,7 +236,8 @@ def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float
 
 # -- the run -----------------------------------------------------------------------------------
 
-def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
+def run_task(task: Task, fractions: list[float], rounds: int, threads: int | None
+             ) -> list[dict]:
     device = get_device("host")
     feed = task.calib[0]
     started = time.time()
@@ -239,7 +245,7 @@ def run_task(task: Task, fractions: list[float], rounds: int) -> list[dict]:
     plain = task.analysis
     aware = dataclasses.replace(plain, _spectra={})
     aware.grams = site_grams(plain.model, plain.sites, task.calib)
-    latency = OnnxruntimeLatency(device)
+    latency = OnnxruntimeLatency(device, threads=threads)
     dense_ms = latency.side_by_side_ms([plain.model], feed)[0]
     print(f"dense onnxruntime {dense_ms:.3f} ms", flush=True)
 
@@ -336,10 +342,14 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="calibration samples")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of each final timing pair")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime threads for every timing (0: its default). On a "
+                             "2-core shared VM two 2-thread timings of one model differ by 5% "
+                             "and more, 1-thread ones by about 1%")
     args = parser.parse_args()
     tasks = {"minilm": minilm_task, "mobilenet": mobilenet_task}
     for name in args.models:
-        rows = run_task(tasks[name](args.calib), args.budgets, args.rounds)
+        rows = run_task(tasks[name](args.calib), args.budgets, args.rounds, args.threads or None)
         print_rows(rows)
 
 

@@ -259,10 +259,14 @@ class Budget:
     device_file: str | None = None
     data_aware: bool = True
     cache: bool = True
+    tensor_train: bool = False  # tensor-train layers are candidates too
+    threads: int | None = None  # runtime threads for measured latency (None: the runtime's)
 
     def __post_init__(self) -> None:
         if self.kind not in ("ms", "params"):
             raise LrdeployError(f"budget kind must be 'ms' or 'params', not {self.kind!r}")
+        if self.threads is not None and self.threads < 1:
+            raise LrdeployError(f"--latency-threads must be at least 1 (got {self.threads})")
         if not self.value > 0 or (self.relative and self.value > 1):
             limit = " and at most 100%" if self.relative else ""
             raise LrdeployError(f"the budget must be positive{limit} (got {self})")
@@ -318,7 +322,8 @@ def _search(analysis: ModelAnalysis, budget: Budget, calib_feeds, samples: int, 
     else:
         feeds = calib_feeds[: max(samples, 1)]
     latency = latency_model(device, budget.engine, budget.rpc, budget.tracker, budget.key,
-                            budget.cache, budget.device_file)
-    planner = Planner(analysis, device, latency, feeds, data_aware=budget.data_aware,
-                      progress=progress)
+                            budget.cache, budget.device_file, budget.threads)
+    methods = ("svd", "tucker2", "spatial", *(("tt",) if budget.tensor_train else ()))
+    planner = Planner(analysis, device, latency, feeds, methods=methods,
+                      data_aware=budget.data_aware, progress=progress)
     return planner.solve(budget.kind, budget.value, relative=budget.relative)

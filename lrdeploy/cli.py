@@ -149,6 +149,12 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
                             "measure the errors)")
     group.add_argument("--no-latency-cache", action="store_true",
                        help="time every chain again and do not save the figures")
+    group.add_argument("--latency-threads", type=int, metavar="N",
+                       help="runtime threads when timing plans (default: the runtime's, one "
+                            "per core); 1 gives much steadier figures on a busy machine")
+    group.add_argument("--tt", action="store_true",
+                       help="also consider tensor-train layers for matrix sites (their shape "
+                            "and contraction order chosen per site; slower to plan)")
 
 
 def _budget(args) -> api.Budget | None:
@@ -164,7 +170,8 @@ def _budget(args) -> api.Budget | None:
                             "such as 75%") from None
     return api.Budget(kind, value, relative, target=args.target, engine=args.engine, rpc=args.rpc,
                       tracker=args.tracker, key=args.key, device_file=args.device_file,
-                      data_aware=not args.plain_svd, cache=not args.no_latency_cache)
+                      data_aware=not args.plain_svd, cache=not args.no_latency_cache,
+                      tensor_train=args.tt, threads=args.latency_threads)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -81,15 +81,21 @@ class LatencyModel:
     engine = ""
     estimate = False
 
+    threads: int | None = None  # runtime threads the figures were timed with (None: default)
+
     def __init__(self, device: Device, cache: bool = True) -> None:
         self.device = device
-        self.table = LatencyTable(cache_path(device, self.engine) if cache else None)
+        # Figures timed with a set thread count are their own table.
+        name = self.engine + (f"-{self.threads}t" if self.threads else "")
+        self.table = LatencyTable(cache_path(device, name) if cache else None)
         self.measured = 0  # chains timed by this instance (not found in the cache)
         self.reused = 0
 
     @property
     def label(self) -> str:
-        return f"{self.engine} on {self.device.name}" + (" (estimate)" if self.estimate else "")
+        threads = f", {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""
+        return f"{self.engine} on {self.device.name}{threads}" + (
+            " (estimate)" if self.estimate else "")
 
     def chain_ms(self, models: Sequence[ir.Model], progress: Progress = lambda m: None
                  ) -> list[float]:
@@ -134,7 +140,8 @@ class OnnxruntimeLatency(LatencyModel):
     engine = "onnxruntime"
 
     def __init__(self, device: Device, cache: bool = True, min_time_s: float = 0.3,
-                 min_runs: int = 10) -> None:
+                 min_runs: int = 10, threads: int | None = None) -> None:
+        self.threads = threads
         if device.family != "host":
             raise LrdeployError(f"the onnxruntime engine measures this machine only; for "
                                 f"'{device.name}' use --engine tvm (with --rpc/--tracker) or "
@@ -144,14 +151,14 @@ class OnnxruntimeLatency(LatencyModel):
         self.min_runs = min_runs
 
     def side_by_side_ms(self, models, feed, rounds=3):
-        sessions = [runtime.session(model) for model in models]
+        sessions = [runtime.session(model, threads=self.threads) for model in models]
         samples = [[time_session(session, feed, self.min_time_s, self.min_runs)
                     for session in sessions] for _ in range(rounds)]
         return [min(column) for column in zip(*samples, strict=True)]
 
     def _time(self, models, progress, feed=None):
         if feed is not None:
-            return [time_session(runtime.session(models[0]), feed, 1.0, self.min_runs)]
+            return [time_session(self._session(models[0]), feed, 1.0, self.min_runs)]
         figures = []
         for index, model in enumerate(models):
             progress(f"timing chain {index + 1}/{len(models)} with onnxruntime")
@@ -159,11 +166,15 @@ class OnnxruntimeLatency(LatencyModel):
             # A chain timed on its own also pays session.run's fixed cost and the input copy,
             # which it does not pay inside the model: time them (an Identity on the same
             # inputs) and keep the difference.
-            chain = time_session(runtime.session(model), data, self.min_time_s, self.min_runs)
-            call = time_session(runtime.session(_identity_of(model)), data, self.min_time_s,
+            chain = time_session(self._session(model), data, self.min_time_s, self.min_runs)
+            call = time_session(self._session(_identity_of(model)), data, self.min_time_s,
                                 self.min_runs)
             figures.append(max(chain - call, 0.0))
         return figures
+
+
+    def _session(self, model: ir.Model):
+        return runtime.session(model, threads=self.threads)
 
 
 def _identity_of(model: ir.Model) -> ir.Model:
@@ -198,7 +209,9 @@ class TvmLatency(LatencyModel):
 
     def __init__(self, device: Device, cache: bool = True, rpc: str | None = None,
                  tracker: str | None = None, key: str | None = None, runs: int = 10,
-                 device_file: str | os.PathLike[str] | None = None) -> None:
+                 device_file: str | os.PathLike[str] | None = None,
+                 threads: int | None = None) -> None:
+        self.threads = threads
         if device.family != "host" and not (rpc or tracker):
             raise LrdeployError(f"measuring on '{device.name}' needs its RPC server (--rpc "
                                 "HOST:PORT or --tracker HOST:PORT --key KEY); without one use "
@@ -219,7 +232,7 @@ class TvmLatency(LatencyModel):
                 paths.append(path)
             result = profile(paths, target=self.device.name, runtimes=("tvm",), runs=self.runs,
                              device_file=self.device_file, min_repeat_ms=20, progress=progress,
-                             **self.place)
+                             threads=self.threads, **self.place)
         if result.failed:
             raise LrdeployError(f"timing on {self.device.name} failed: {result.failed[0].error}")
         return [t.stats()["median_ms"] for t in result.timings]
@@ -296,6 +309,7 @@ def latency_model(
     key: str | None = None,
     cache: bool = True,
     device_file: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
 ) -> LatencyModel:
     """The engine asked for, or the default: onnxruntime on the host, TVM over RPC when a
     device is reachable, the roofline estimate otherwise."""
@@ -305,9 +319,10 @@ def latency_model(
         else:
             engine = "tvm" if (rpc or tracker) else "roofline"
     if engine == "onnxruntime":
-        return OnnxruntimeLatency(device, cache)
+        return OnnxruntimeLatency(device, cache, threads=threads)
     if engine == "tvm":
-        return TvmLatency(device, cache, rpc, tracker, key, device_file=device_file)
+        return TvmLatency(device, cache, rpc, tracker, key, device_file=device_file,
+                          threads=threads)
     if engine == "roofline":
         return RooflineLatency(device)
     raise LrdeployError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")

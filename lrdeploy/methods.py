@@ -16,6 +16,7 @@ from lrdeploy.passes.base import Factorization
 from lrdeploy.passes.spatial_svd_conv import SpatialSVDConv
 from lrdeploy.passes.svd_conv1x1 import SVDConv1x1
 from lrdeploy.passes.svd_matmul import SVDMatMul
+from lrdeploy.passes.tt_matrix import TTMatrix
 from lrdeploy.passes.tucker2_conv import Tucker2Conv
 from lrdeploy.passes.whitened_svd import WhitenedSVDConv1x1, WhitenedSVDMatMul
 from lrdeploy.sites import Site
@@ -28,7 +29,7 @@ Grams = Mapping[str, np.ndarray]
 def rules(tucker_sweeps: int = 0, grams: Grams | None = None) -> list[Factorization]:
     """One rule object per (method, site kind); ``grams`` feed the data-aware ones."""
     return [SVDMatMul(), SVDConv1x1(), WhitenedSVDMatMul(grams), WhitenedSVDConv1x1(grams),
-            Tucker2Conv(tucker_sweeps), SpatialSVDConv()]
+            Tucker2Conv(tucker_sweeps), SpatialSVDConv(), TTMatrix()]
 
 
 def rule_for(method: str, site: Site, tucker_sweeps: int = 0,

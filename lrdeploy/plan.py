@@ -20,6 +20,7 @@ from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.methods import DENSE, Grams, method_for, rule_for
 from lrdeploy.ranks import RankRule, resolve_ranks
 from lrdeploy.sites import Site
+from lrdeploy.tensorize import TTLayout
 
 PLAN_FORMAT = "lrdeploy-plan/1"
 
@@ -30,6 +31,12 @@ class PlanEntry:
     method: str
     ranks: list[int] = field(default_factory=list)
     note: str = ""
+    # Tensor-train entries only: {"in_modes", "out_modes", "order"} (``ranks`` are the TT ranks).
+    tt: dict | None = None
+
+    def rule_ranks(self) -> list[int] | TTLayout:
+        """What the entry's rule takes as ranks: the ranks, or the TT layout they belong to."""
+        return TTLayout.from_dict(self.tt, self.ranks) if self.method == "tt" else self.ranks
 
 
 @dataclass
@@ -38,8 +45,9 @@ class Plan:
     tucker_sweeps: int = 0
 
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "tucker_sweeps": self.tucker_sweeps,
-                "entries": [asdict(e) for e in self.entries]}
+        entries = [{k: v for k, v in asdict(e).items() if k != "tt" or v is not None}
+                   for e in self.entries]
+        return {"format": PLAN_FORMAT, "tucker_sweeps": self.tucker_sweeps, "entries": entries}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> Plan:
@@ -47,7 +55,10 @@ class Plan:
             raise LrdeployError(f"{source}: not an lrdeploy plan (expected format {PLAN_FORMAT})")
         try:
             entries = [PlanEntry(e["site"], e["method"], [int(r) for r in e.get("ranks", [])],
-                                 e.get("note", "")) for e in data["entries"]]
+                                 e.get("note", ""), e.get("tt")) for e in data["entries"]]
+            for entry in entries:
+                if entry.method == "tt":
+                    entry.rule_ranks()  # a missing or malformed layout fails here
             return cls(entries, int(data.get("tucker_sweeps", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise LrdeployError(f"{source}: malformed plan entry ({exc})") from None
@@ -129,12 +140,18 @@ def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site],
         if rule is None:
             raise LrdeployError(f"plan: method '{entry.method}' does not apply to site "
                                 f"'{entry.site}' ({site.op} {list(site.weight.shape)})")
-        full = rule.full_ranks(site)
-        if len(entry.ranks) != len(full) or not all(1 <= r <= f for r, f in
-                                                     zip(entry.ranks, full, strict=False)):
-            raise LrdeployError(f"plan: ranks {entry.ranks} for site '{entry.site}' must be "
-                                f"{len(full)} number(s) between 1 and {list(full)}")
-        groups.setdefault(type(rule), (rule, {}))[1][entry.site] = entry.ranks
+        ranks = entry.rule_ranks()
+        if isinstance(ranks, TTLayout):
+            problem = ranks.problem(*site.weight.shape)
+            if problem:
+                raise LrdeployError(f"plan: site '{entry.site}': TT layout {problem}")
+        else:
+            full = rule.full_ranks(site)
+            if len(ranks) != len(full) or not all(1 <= r <= f for r, f in
+                                                  zip(ranks, full, strict=False)):
+                raise LrdeployError(f"plan: ranks {entry.ranks} for site '{entry.site}' must "
+                                    f"be {len(full)} number(s) between 1 and {list(full)}")
+        groups.setdefault(type(rule), (rule, {}))[1][entry.site] = ranks
     for rule, ranks_by_site in groups.values():
         model = rule(model, ranks_by_site)
     return model

@@ -39,7 +39,7 @@ def build_report(
         method = entry.method if entry else DENSE
         after_params, after_flops = site.params, site.flops
         if method != DENSE:
-            cost = rule_for(method, site).cost(site, entry.ranks)
+            cost = rule_for(method, site).cost(site, entry.rule_ranks())
             after_params, after_flops = cost.params, cost.flops
         sites.append({
             "site": site.name,
@@ -52,6 +52,7 @@ def build_report(
             "flops_before": site.flops,
             "flops_after": after_flops,
             "note": entry.note if entry else "not in the plan",
+            **({"tt": entry.tt} if entry and entry.tt else {}),
         })
     flops_known = all(s["flops_before"] is not None for s in sites)
     totals = {

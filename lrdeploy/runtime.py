@@ -168,10 +168,12 @@ def load_calibration(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -
 
 
 def session(
-    model: ir.Model, extra_outputs: Sequence[str] = (), optimize: bool = True
+    model: ir.Model, extra_outputs: Sequence[str] = (), optimize: bool = True,
+    threads: int | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model``, optionally exposing intermediate values;
-    ``optimize=False`` turns off onnxruntime's graph rewrites (fusions, constant folding)."""
+    ``optimize=False`` turns off onnxruntime's graph rewrites (fusions, constant folding);
+    ``threads`` sets its intra-op threads (default: onnxruntime's, one per core)."""
     if extra_outputs:
         model = model.clone()
         values = {out.name: out for node in model.graph for out in node.outputs}
@@ -183,6 +185,8 @@ def session(
     options.log_severity_level = 4
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
     proto = ir.serde.serialize_model(model)
     try:
         return ort.InferenceSession(proto.SerializeToString(), options,

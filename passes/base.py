@@ -74,7 +74,7 @@ class MatrixFactorization(Factorization):
 
 # Nodes of a factorized chain are named SITE/TAG_INDEX (e.g. ".../query/MatMul/svd_0"), so a
 # node name in a profile or a kernel table leads back to its site.
-CHAIN_TAGS = ("svd", "tucker", "spatial")
+CHAIN_TAGS = ("svd", "tucker", "spatial", "tt")
 _CHAIN_NODE = re.compile(rf"^(?P<site>.+)/({'|'.join(CHAIN_TAGS)})_\d+$")
 
 
