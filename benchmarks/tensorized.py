@@ -19,9 +19,10 @@ target of ``--fraction`` of the dense weight:
 
 Orders and shapes are chosen on latencies measured with onnxruntime: each step's Transpose +
 Reshape + MatMul timed once for the order search, then the three fastest shapes and the naive
-split timed as whole chains (searched order and left to right). Every configuration of a row is timed with
-onnxruntime in interleaved rounds (least per configuration; a configuration identical to one
-above, e.g. a chosen order that is left to right, is timed once) and, unless ``--no-tvm``,
+split timed as whole chains (searched order and left to right). Every configuration of a row
+is timed with onnxruntime in interleaved rounds (least per configuration; a configuration
+identical to one above, e.g. a chosen order that is left to right, is timed once) and, unless
+``--no-tvm``,
 compiled by TVM for the host and timed; ratios are against dense in the same run. ``err`` is
 the relative Frobenius error of the weight. ``opt_einsum`` is its FLOP-optimal path's count
 next to the chosen order's FLOPs.

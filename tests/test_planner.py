@@ -248,3 +248,18 @@ def test_compile_with_a_parameter_budget(mlp, tmp_path, latency_cache):
     assert manifest["onnx_param_bytes"] <= 4 * 300000
     done = run_cli("verify", out)
     assert done.returncode == 0, done.stderr
+
+
+def test_latency_threads_are_timed_and_cached_apart(mlp, tmp_path, latency_cache):
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    chain = standalone(analysis.model, analysis.sites[0])
+    device = get_device("host")
+    one = OnnxruntimeLatency(device, threads=1)
+    assert one.chain_ms([chain])[0] > 0 and "1 thread" in one.label
+    assert (latency_cache / "latency" / "host-onnxruntime-1t.json").is_file()
+    default = OnnxruntimeLatency(device)
+    default.chain_ms([chain])
+    assert default.measured == 1 and default.reused == 0  # not taken from the 1-thread table
+    result = run_cli("plan", mlp, "--budget-ms", "50%", "--latency-threads", "0")
+    assert result.returncode == 2 and "--latency-threads must be at least 1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
