@@ -175,8 +175,9 @@ def main() -> None:
     host = get_device("host")
     threads = args.threads or None
     ort = OnnxruntimeLatency(host, cache=False, threads=threads)
-    # Steps take microseconds: a shorter timing window each keeps the search to seconds.
-    steps = OnnxruntimeLatency(host, cache=False, min_time_s=0.05, min_runs=20, threads=threads)
+    # Most steps take microseconds, a few (large bonds at batch 32) a second: a short window
+    # and few runs keep the search to minutes.
+    steps = OnnxruntimeLatency(host, cache=False, min_time_s=0.05, min_runs=3, threads=threads)
     tvm = None if args.no_tvm else TvmLatency(host, cache=False, threads=threads)
     summary = []
     for key in args.layers:
