@@ -151,7 +151,7 @@ class OnnxruntimeLatency(LatencyModel):
         self.min_runs = min_runs
 
     def side_by_side_ms(self, models, feed, rounds=3):
-        sessions = [runtime.session(model, threads=self.threads) for model in models]
+        sessions = [self._session(model) for model in models]
         samples = [[time_session(session, feed, self.min_time_s, self.min_runs)
                     for session in sessions] for _ in range(rounds)]
         return [min(column) for column in zip(*samples, strict=True)]

@@ -90,9 +90,11 @@ def site_of_node(node_name: str) -> tuple[str, bool]:
     return (match.group("site"), True) if match else (node_name, False)
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, like: ir.Value) -> ir.Value:
-    """Register ``array`` (cast to the dtype of ``like``) as a new initializer of ``graph``."""
-    dtype = like.const_value.dtype.numpy()
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, like: ir.Value | None
+                    ) -> ir.Value:
+    """Register ``array`` (cast to the dtype of ``like``; as it is without one) as a new
+    initializer of ``graph``."""
+    dtype = None if like is None else like.const_value.dtype.numpy()
     tensor = ir.tensor(np.ascontiguousarray(array, dtype=dtype), name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
                      const_value=tensor)

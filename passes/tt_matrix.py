@@ -54,13 +54,9 @@ class TTMatrix(Factorization):
         weight = node.inputs[1]
 
         def add_constant(name: str, array: np.ndarray) -> ir.Value:
-            if array.dtype == np.int64:
-                value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                                 type=ir.TensorType(ir.DataType.INT64),
-                                 const_value=ir.tensor(array, name=name))
-                graph.register_initializer(value)
-                return value
-            return add_initializer(graph, name, array, weight)
+            # Shapes stay int64; cores and scales take the weight's dtype.
+            return add_initializer(graph, name, array,
+                                   None if array.dtype == np.int64 else weight)
 
         shape = node.inputs[0].shape
         builder = ChainBuilder(f"{site.name}/tt", None if shape is None else len(shape) - 1,
