@@ -243,8 +243,13 @@ plan can meet fails with the least reachable latency.""")
         "compile", help="compile ONNX (or compress, then compile) with TVM for a device",
         description="Compile a model with TVM Relax (default pipeline, fusion on) for a named "
                     "device into OUTDIR: the artifact (model.so, or model.tar if it cannot be "
-                    "linked here), model.onnx and manifest.json. With --rank or --plan the model "
-                    "is compressed first.")
+                    "linked here), model.onnx and manifest.json. For microcontrollers "
+                    "(cortex-m4, cortex-m7) the artifact is a C project with no TVM runtime: "
+                    "model.c / model.h (int lrd_run(const float *in, float *out), weights in "
+                    "flash, one static activation arena), kernels.c and a Makefile; a model "
+                    "that does not fit the device's flash or RAM is refused with the overshoot "
+                    "(--budget-params then finds a low-rank one that fits). With --rank, --plan "
+                    "or a budget the model is compressed first.")
     _add_model_options(compile_)
     compile_.add_argument("--target", default="host", help="device name (lrdeploy targets); "
                                                           "default host")
@@ -260,11 +265,14 @@ plan can meet fails with the least reachable latency.""")
     verify = commands.add_parser(
         "verify", help="run a compiled artifact and compare it with onnxruntime",
         description="Run OUTDIR's artifact (in-process for host, under qemu with --emulate for "
-                    "ARM targets) and onnxruntime on the ONNX it was built from, on the same "
+                    "ARM targets; a microcontroller's C project is built with the host "
+                    "compiler, or with --emulate for the device and run on qemu-system-arm's "
+                    "board) and onnxruntime on the ONNX it was built from, on the same "
                     "inputs; fail when the relative L2 error exceeds --tolerance.")
     verify.add_argument("outdir", metavar="OUTDIR")
     verify.add_argument("--emulate", action="store_true",
-                        help="run an ARM artifact with the C++ runner under qemu-user")
+                        help="run an ARM artifact with the C++ runner under qemu-user, or a "
+                             "microcontroller build under qemu-system-arm")
     verify.add_argument("--calib", metavar="NPZ", help="inputs (as for compress); default random")
     verify.add_argument("--samples", type=int, default=2, help="random feeds (default 2)")
     verify.add_argument("--seed", type=int, default=0)

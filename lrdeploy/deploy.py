@@ -97,7 +97,7 @@ def compile_model(
     if tune_trials and device.family != "host":
         raise LrdeployError(f"tuning for '{device.name}' needs the device itself (RPC, in the "
                             "profile command); without one, compile untuned (--tune-trials 0)")
-    if device.family == "arm_cpu" and not device.ndk:
+    if device.cross_compiler and not device.ndk:
         from lrdeploy.targets.runner import require_tool
 
         require_tool(device.cross_compiler, device.cross_compiler_package,
@@ -141,11 +141,17 @@ def compile_model(
             tuning.tune(fused, device, database, tune_trials, progress)
         progress(f"compiling for {device.name}")
         kernels = build.kernel_table(fused, proto)
-        lowered = build.lower(fused, device, database)
-        param_bytes = build.constant_bytes(lowered)
-        executable = build.build(lowered, device)
-        progress("linking")
-        artifact, notes = family.export(executable, staged, device)
+        details = None
+        if hasattr(family, "compile_fused"):  # C projects (microcontrollers): no TVM VM
+            name = Path(model).name if isinstance(model, str | os.PathLike) else "the model"
+            artifact, notes, details = family.compile_fused(fused, staged, device, name)
+            param_bytes = details["weight_bytes"]
+        else:
+            lowered = build.lower(fused, device, database)
+            param_bytes = build.constant_bytes(lowered)
+            executable = build.build(lowered, device)
+            progress("linking")
+            artifact, notes = family.export(executable, staged, device)
         manifest = {
             "format": MANIFEST_FORMAT,
             "lrdeploy_version": __version__,
@@ -165,6 +171,7 @@ def compile_model(
             "kernels": kernels,
             "kernels_library": "kernels.so" if (staged / "kernels.so").is_file() else None,
             "notes": notes,
+            "mcu": details,
         }
         write_json(staged / MANIFEST, manifest)
         _swap_into_place(staged, outdir)
@@ -268,6 +275,9 @@ def bundle_artifact(outdir: str | os.PathLike[str], dest: str | os.PathLike[str]
     outdir, dest = Path(outdir), Path(dest)
     manifest = read_manifest(outdir)
     device = Device(**manifest["device"])
+    if manifest.get("mcu"):
+        raise LrdeployError(f"{outdir}: is already a C project for '{device.name}': copy it, "
+                            "build with its Makefile (make lib) and call lrd_run")
     if device.family == "host" or not device.runner_compiler:
         raise LrdeployError(f"target '{device.name}' has no deployable runner (host artifacts "
                             "run in-process: lrdeploy verify)")

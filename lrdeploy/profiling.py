@@ -398,6 +398,11 @@ def profile(
                 timing = Timing(str(item), "tvm", f"{device['name']} via {place.label}",
                                 emulated and place.remote)
                 result.timings.append(timing)
+                if manifest.get("mcu"):
+                    timing.error = (f"{device['name']} C projects are not timed by lrdeploy "
+                                    "(no TVM runtime on the board to reach over RPC); time "
+                                    "lrd_run on the board, e.g. with the DWT cycle counter")
+                    return result
                 if not place.remote and device["family"] != "host":
                     timing.error = (f"the artifact is for {device['name']} ({device['triple']});"
                                     " profile it with --rpc or --tracker on that device")

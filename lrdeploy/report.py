@@ -184,11 +184,12 @@ def print_fidelity(console: Console, title: str, rows: Sequence[dict]) -> None:
 def print_devices(console: Console, devices: Sequence) -> None:
     table = Table(title="Targets", title_justify="left")
     for column in ("name", "family", "triple", "cores", "GFLOP/s", "GB/s", "L2 KiB",
-                   "description"):
+                   "flash / RAM KiB", "description"):
         table.add_column(column)
     for d in devices:
+        memory = f"{d.flash_kib} / {d.ram_kib}" if d.flash_kib or d.ram_kib else "-"
         table.add_row(d.name, d.family, d.triple, str(d.cores), f"{d.peak_gflops:g}",
-                      f"{d.bandwidth_gbs:g}", str(d.l2_kib), d.description)
+                      f"{d.bandwidth_gbs:g}", str(d.l2_kib), memory, d.description)
     console.print(table)
 
 
@@ -199,14 +200,28 @@ def print_manifest(console: Console, outdir: str | os.PathLike[str], manifest: d
                   f"{os.path.join(outdir, manifest['artifact'])}")
     console.print(f"inputs {inputs}; weights embedded {manifest['param_bytes']:,} bytes "
                   f"(ONNX initializers {manifest['onnx_param_bytes']:,})")
+    mcu = manifest.get("mcu")
+    if mcu:
+        def kib(value: int) -> str:
+            return f"{value / 1024:.1f} KiB"
+
+        console.print(f"flash {kib(mcu['flash_bytes'])} of {kib(mcu['flash_limit_bytes'])} "
+                      f"(weights {kib(mcu['weight_bytes'])}, code {kib(mcu['code_bytes'])}); "
+                      f"RAM {kib(mcu['ram_bytes'])} of {kib(mcu['ram_limit_bytes'])} (arena "
+                      f"{kib(mcu['arena_bytes'])}: lower bound {kib(mcu['arena_lower_bound'])}, "
+                      f"without reuse {kib(mcu['arena_without_reuse'])}; stack "
+                      f"{kib(mcu['stack_bytes'])})")
+        console.print(f"build: make -C {outdir} host | lib | size | run-qemu")
     for note in manifest["notes"]:
         console.print(f"note: {note}")
 
 
 def print_verification(console: Console, result) -> None:
     device = result.manifest["device"]
-    where = "emulated under qemu-user (no latency: emulated timings say nothing)" \
-        if result.emulated else "in-process"
+    if result.emulated:
+        where = f"emulated under {device['emulator']} (no latency: emulated timings say nothing)"
+    else:
+        where = "built with the host C compiler" if device["family"] == "mcu" else "in-process"
     print_fidelity(console, f"{device['name']} artifact vs onnxruntime, {where}, on "
                             f"{result.feed_source}", [f.to_dict() for f in result.fidelity])
 

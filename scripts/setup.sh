@@ -6,17 +6,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Cross-linking for aarch64 boards and running their artifacts under emulation (lrdeploy compile
-# --target rpi4, lrdeploy verify --emulate, and the tests of both).
-apt_packages=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static)
+# --target rpi4, lrdeploy verify --emulate, and the tests of both); building microcontroller C
+# projects for Cortex-M and running them on qemu's MPS2 boards (--target cortex-m4 / cortex-m7).
+apt_packages=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static make
+              gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm)
 missing=()
 need_arm64_index=false
 # The emulated aarch64 test device runs Debian's arm64 python3.11: apt must index arm64.
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then need_arm64_index=true; fi
 for tool_package in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
                     aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
-                    qemu-aarch64-static:qemu-user-static; do
+                    qemu-aarch64-static:qemu-user-static make:make \
+                    arm-none-eabi-gcc:gcc-arm-none-eabi qemu-system-arm:qemu-system-arm; do
     command -v "${tool_package%%:*}" >/dev/null || missing+=("${tool_package##*:}")
 done
+# newlib (libc with semihosting) has no command of its own: ask the compiler for its library.
+if ! command -v arm-none-eabi-gcc >/dev/null || \
+        [ "$(arm-none-eabi-gcc -print-file-name=librdimon.a)" = librdimon.a ]; then
+    missing+=(libnewlib-arm-none-eabi)
+fi
 if [ ${#missing[@]} -gt 0 ] || $need_arm64_index; then
     sudo=""
     if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then sudo=sudo; fi

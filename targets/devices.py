@@ -33,6 +33,17 @@ _AARCH64_LINUX = {
     "sysroot": "/usr/aarch64-linux-gnu",
 }
 
+# Peak figures of the MCU rows: one single-precision FMA per cycle at most (FPv4 / FPv5), and the
+# flash interface's 32 bits per cycle at the core clock (the weights stream from flash).
+_CORTEX_M = {
+    "family": "mcu",
+    "triple": "thumbv7em-none-eabihf",
+    "cross_compiler": "arm-none-eabi-gcc",
+    "cross_compiler_package": "gcc-arm-none-eabi libnewlib-arm-none-eabi",
+    "emulator": "qemu-system-arm",
+    "emulator_package": "qemu-system-arm",
+}
+
 
 @dataclass(frozen=True)
 class Device:
@@ -58,6 +69,12 @@ class Device:
     emulator_package: str | None = None
     sysroot: str | None = None
     rpc_key: str | None = None
+    # Microcontrollers: what fits (flash holds code + const weights, RAM the arena), the C flags
+    # of the core, and the qemu-system-arm board that emulates it.
+    flash_kib: int | None = None
+    ram_kib: int | None = None
+    cflags: list[str] = field(default_factory=list)
+    emulator_machine: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,12 +114,24 @@ BUILTIN_DEVICES: dict[str, Device] = {
                          "mattr": ["+neon", "+v8.2a", "+dotprod", "+fullfp16"], "num-cores": 12},
              cores=12, peak_gflops=422.4, bandwidth_gbs=204.8, l2_kib=256,
              rpc_key="jetson-orin", **_AARCH64_LINUX),
+        _row("cortex-m4", "STM32F4-class microcontroller: Cortex-M4F @ 168 MHz, 192 KiB RAM, "
+             "1 MiB flash (C project, emulated on an MPS2-AN386 board)",
+             tvm_target={"kind": "c", "mcpu": "cortex-m4"}, cores=1, peak_gflops=0.168,
+             bandwidth_gbs=0.67, l2_kib=0, simd_lanes=1, flash_kib=1024, ram_kib=192,
+             cflags=["-mcpu=cortex-m4", "-mthumb", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard"],
+             emulator_machine="mps2-an386", **_CORTEX_M),
+        _row("cortex-m7", "STM32H7-class microcontroller: Cortex-M7 @ 480 MHz, 1 MiB RAM, "
+             "2 MiB flash (C project, emulated on an MPS2-AN500 board)",
+             tvm_target={"kind": "c", "mcpu": "cortex-m7"}, cores=1, peak_gflops=0.96,
+             bandwidth_gbs=1.9, l2_kib=0, simd_lanes=1, flash_kib=2048, ram_kib=1024,
+             cflags=["-mcpu=cortex-m7", "-mthumb", "-mfpu=fpv5-d16", "-mfloat-abi=hard"],
+             emulator_machine="mps2-an500", **_CORTEX_M),
     ]
 }
 
 REQUIRED_FIELDS = [f.name for f in fields(Device)
                    if f.default is MISSING and f.default_factory is MISSING]
-FAMILIES = ("host", "arm_cpu")
+FAMILIES = ("host", "arm_cpu", "mcu")
 
 
 def load_device_file(path: str | os.PathLike[str]) -> dict[str, Device]:

@@ -40,3 +40,5 @@ def test_wheel_contains_and_imports_passes_and_targets(tmp_path):
     assert tvm_imported == "False"
     assert (site / "bin" / "lrdeploy").exists()
     assert (site / "lrdeploy" / "targets" / "runner" / "lrdeploy_runner.cc").is_file()
+    for template in ("Makefile.in", "lrd_backend.h", "main.c", "startup.c", "mps2.ld"):
+        assert (site / "lrdeploy" / "targets" / "mcu_c" / template).is_file()
