@@ -243,7 +243,10 @@ plan can meet fails with the least reachable latency.""")
         "compile", help="compile ONNX (or compress, then compile) with TVM for a device",
         description="Compile a model with TVM Relax (default pipeline, fusion on) for a named "
                     "device into OUTDIR: the artifact (model.so, or model.tar if it cannot be "
-                    "linked here), model.onnx and manifest.json. For microcontrollers "
+                    "linked here), model.onnx and manifest.json. For mobile GPUs (mali-g610, "
+                    "adreno-7xx) the build must hold an OpenCL module with every kernel, each "
+                    "kernel is compiled by PoCL as a check, and the OpenCL C is written to "
+                    "kernels.cl. For microcontrollers "
                     "(cortex-m4, cortex-m7) the artifact is a C project with no TVM runtime: "
                     "model.c / model.h (int lrd_run(const float *in, float *out), weights in "
                     "flash, one static activation arena), kernels.c and a Makefile; a model "
@@ -259,6 +262,10 @@ plan can meet fails with the least reachable latency.""")
                           help="MetaSchedule trials (0 = untuned); the database is kept in "
                                "OUTDIR/tuning and reused by the next compile. host only")
     compile_.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
+    compile_.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                          help="GPU targets: float16 runs weights and activations in half "
+                               "precision; the error this costs against float32 onnxruntime is "
+                               "measured on a host build and printed (default float32)")
     _add_compression_options(compile_, default_rank=None)
     _add_budget_options(compile_, target=False, required=False)
 
@@ -415,7 +422,7 @@ def _compile(args, shapes, console: Console) -> int:
         manifest = compile_model(
             args.model, args.target, args.output, device_file=args.device_file,
             input_shapes=shapes, tune_trials=args.tune_trials, compress_options=compress_options,
-            progress=lambda message: status.update(message),
+            dtype=args.dtype, progress=lambda message: status.update(message),
         )
     print_manifest(console, args.output, manifest)
     return 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from lrdeploy import __version__, frontend, runtime
@@ -33,6 +34,7 @@ from lrdeploy.verify import OutputFidelity, compare_outputs, reference_outputs
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "lrdeploy-artifact/1"
 MODEL_ONNX = "model.onnx"
+DTYPES = ("float32", "float16")
 TUNING_DIR = "tuning"
 
 Progress = Callable[[str], None]
@@ -75,9 +77,14 @@ def compile_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     tune_trials: int = 0,
     compress_options: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
     progress: Progress = lambda message: None,
 ) -> dict:
     """Compile ``model`` for the named device into ``outdir``; returns the manifest.
+
+    ``dtype="float16"`` (GPU targets) runs weights and activations in half precision; the error
+    this costs is measured against float32 onnxruntime on a host build of the same graph and
+    recorded in the manifest (``half_precision``).
 
     ``compress_options`` (keyword arguments of ``lrdeploy.compress``) compress the model first;
     without them an ``.onnx`` is compiled as it is (a torch factory is traced). The folder is
@@ -94,6 +101,11 @@ def compile_model(
         raise LrdeployError(f"{outdir}: parent folder {outdir.parent} does not exist")
     if tune_trials < 0:
         raise LrdeployError("--tune-trials must be >= 0")
+    if dtype not in DTYPES:
+        raise LrdeployError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype == "float16" and device.family != "mobile_gpu":
+        raise LrdeployError(f"--dtype float16 is for GPU targets; '{device.name}' is "
+                            f"{device.family}")
     if tune_trials and device.family != "host":
         raise LrdeployError(f"tuning for '{device.name}' needs the device itself (RPC, in the "
                             "profile command); without one, compile untuned (--tune-trials 0)")
@@ -128,7 +140,14 @@ def compile_model(
 
         progress("importing into TVM Relax")
         proto = ir.serde.serialize_model(onnx_model)
-        mod = build.import_onnx(proto, {s.name: s.shape for s in specs})
+        shapes = {s.name: s.shape for s in specs}
+        half_precision = None
+        if dtype == "float16":
+            mod = build.to_half(build.import_onnx(proto, shapes))
+            progress("measuring the float16 error on a host build")
+            half_precision = _half_precision_error(mod, onnx_model, specs)
+        else:
+            mod = build.import_onnx(proto, shapes)
         fused = build.fuse(mod, device)
         database = None
         if tune_trials:
@@ -150,6 +169,7 @@ def compile_model(
             lowered = build.lower(fused, device, database)
             param_bytes = build.constant_bytes(lowered)
             executable = build.build(lowered, device)
+            build.check_device_code(executable, lowered, device)
             progress("linking")
             artifact, notes = family.export(executable, staged, device)
         manifest = {
@@ -172,10 +192,35 @@ def compile_model(
             "kernels_library": "kernels.so" if (staged / "kernels.so").is_file() else None,
             "notes": notes,
             "mcu": details,
+            "dtype": dtype,
+            "half_precision": half_precision,
         }
         write_json(staged / MANIFEST, manifest)
         _swap_into_place(staged, outdir)
     return manifest
+
+
+def _half_precision_error(mod: Any, onnx_model: ir.Model, specs: Sequence, samples: int = 2
+                          ) -> dict:
+    """The half-precision graph built for this machine and run on random feeds, against float32
+    onnxruntime: the GPU kernels cannot run here, but their arithmetic is the same."""
+    import tvm
+    from tvm import relax
+
+    from lrdeploy.targets import build
+    from lrdeploy.targets.host import flatten_outputs
+
+    host = get_device("host")
+    executable = build.build(build.lower(build.fuse(mod, host), host), host)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    feeds = [runtime.random_inputs(onnx_model, specs, seed) for seed in range(samples)]
+    produced = [flatten_outputs(vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(
+        feed[spec.name])) for spec in specs])) for feed in feeds]
+    names, reference, unoptimized = reference_outputs(onnx_model, feeds)
+    fidelity = compare_outputs(names, reference, [[o.astype(np.float32) for o in out]
+                                                  for out in produced], unoptimized)
+    return {"feeds": f"{samples} random feed(s)", "outputs": [f.to_dict() for f in fidelity],
+            "max_relative_error": max(f.relative_l2_error for f in fidelity)}
 
 
 def _is_onnx_path(model: Any) -> bool:

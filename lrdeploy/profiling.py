@@ -206,7 +206,9 @@ def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, 
     try:
         progress(f"loading {manifest['artifact']} ({place.label})")
         library = _load_module(session, outdir / manifest["artifact"])
-        device = session.cpu() if session else tvm.cpu()
+        # GPU rows run the VM on the board's CPU and the kernels on its OpenCL device.
+        kind = "cl" if manifest["device"]["tvm_target"]["kind"] == "opencl" else "cpu"
+        device = getattr(session, kind)() if session else getattr(tvm, kind)()
         if threads:
             _device_function(session, "runtime.config_threadpool")(1, threads)
         timing.device_threads = int(_device_function(session, "runtime.NumThreads")())

@@ -200,6 +200,13 @@ def print_manifest(console: Console, outdir: str | os.PathLike[str], manifest: d
                   f"{os.path.join(outdir, manifest['artifact'])}")
     console.print(f"inputs {inputs}; weights embedded {manifest['param_bytes']:,} bytes "
                   f"(ONNX initializers {manifest['onnx_param_bytes']:,})")
+    half = manifest.get("half_precision")
+    if half:
+        worst = max(half["outputs"], key=lambda o: o["relative_l2_error"])
+        console.print(f"float16: relative L2 error {worst['relative_l2_error']:.3e} (cosine "
+                      f"{worst['cosine']:.6f}, output '{worst['name']}') against float32 "
+                      f"onnxruntime, measured on a host build of the same float16 graph "
+                      f"({half['feeds']})")
     mcu = manifest.get("mcu")
     if mcu:
         def kib(value: int) -> str:

@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 # Cross-linking for aarch64 boards and running their artifacts under emulation (lrdeploy compile
 # --target rpi4, lrdeploy verify --emulate, and the tests of both); building microcontroller C
 # projects for Cortex-M and running them on qemu's MPS2 boards (--target cortex-m4 / cortex-m7).
+# Mobile GPU targets (--target mali-g610 / adreno-7xx): PoCL, and the clang-15 it brings, compile
+# every OpenCL kernel as a check.
 apt_packages=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static make
-              gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm)
+              gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm pocl-opencl-icd)
 missing=()
 need_arm64_index=false
 # The emulated aarch64 test device runs Debian's arm64 python3.11: apt must index arm64.
@@ -24,6 +26,10 @@ done
 if ! command -v arm-none-eabi-gcc >/dev/null || \
         [ "$(arm-none-eabi-gcc -print-file-name=librdimon.a)" = librdimon.a ]; then
     missing+=(libnewlib-arm-none-eabi)
+fi
+# PoCL registers itself as an OpenCL ICD; clang-15 comes with it.
+if [ ! -f /etc/OpenCL/vendors/pocl.icd ] || ! command -v clang-15 >/dev/null; then
+    missing+=(pocl-opencl-icd)
 fi
 if [ ${#missing[@]} -gt 0 ] || $need_arm64_index; then
     sudo=""

@@ -9,6 +9,7 @@ the dense W). TVM is imported by the functions, never at module import.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,50 @@ def constant_bytes(mod: Any) -> int:
         if isinstance(function, relax.Function):
             relax.analysis.post_order_visit(function, count)
     return total
+
+
+def clip_kernels_as_ops(mod: Any) -> Any:
+    """``mod`` with the importer's Clip kernels as the Relax operators they compute.
+
+    TVM's ONNX importer writes Clip as TE kernels, ``call_tir(maximum|minimum, (x, bound))``,
+    whose arguments its ToMixedPrecision cannot type (it fails on MobileNetV2's ReLU6). The
+    same elementwise functions as ``relax.op.maximum`` / ``minimum`` convert."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    operators = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
+
+    @mutator
+    class ClipKernels(PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", "") == "relax.call_tir":
+                operator = operators.get(call.args[0].name_hint.rstrip("0123456789"))
+                if operator is not None and len(call.args[1].fields) == 2:
+                    return operator(*call.args[1].fields)
+            return call
+
+    rewritten = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(mod.functions)
+    rewritten["main"] = ClipKernels(mod).visit_expr(mod["main"])
+    return relax.transform.DeadCodeElimination(["main"])(rewritten)
+
+
+def to_half(mod: Any) -> Any:
+    """Half precision where TVM's automatic mixed precision puts it: matmul and conv weights,
+    inputs and accumulators in float16, and what follows them; ops it deems sensitive (softmax,
+    normalizations' statistics) and integer-indexed tables (embeddings) stay float32, and the
+    model's inputs and outputs too (cast at the edges)."""
+    from tvm import relax
+
+    try:
+        # Folded first, so constant clip bounds are constants that follow their input's dtype.
+        folded = relax.transform.FoldConstant()(clip_kernels_as_ops(mod))
+        return relax.transform.ToMixedPrecision(out_dtype="float16")(folded)
+    except Exception as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise LrdeployError(f"TVM cannot convert the model to float16: "
+                            f"{lines[-1] if lines else exc}") from None
 
 
 def fuse(mod: Any, device: Device) -> Any:
@@ -158,3 +203,43 @@ def kernel_table(fused: Any, model: onnx.ModelProto) -> list[dict]:
 
     relax.analysis.post_order_visit(fused["main"], visit)
     return list(kernels.values())
+
+
+GPU_KINDS = ("opencl", "cuda", "vulkan", "metal", "rocm")
+
+
+def _modules(module: Any) -> list:
+    return [module] + [m for child in module.imports for m in _modules(child)]
+
+
+def device_kernels(executable: Any, device: Device) -> str:
+    """The GPU source of a build (e.g. OpenCL C), refusing a build where it is missing.
+
+    A Relax pipeline without GPU schedules (dlight) still builds for a GPU target: every kernel
+    is then compiled for the host CPU and the artifact holds no device module at all."""
+    kind = device.tvm_target["kind"]
+    sources = [m.inspect_source() for m in _modules(executable.mod)
+               if getattr(m, "kind", "") == kind]
+    if not sources:
+        raise LrdeployError(f"the build for '{device.name}' holds no {kind} module: every "
+                            "kernel was compiled for the host CPU (a pipeline without GPU "
+                            "schedules); refusing to write it")
+    return "\n".join(sources)
+
+
+def check_device_code(executable: Any, lowered: Any, device: Device) -> None:
+    """For GPU targets: every kernel of ``lowered`` must have become a device kernel (TVM names
+    them FUNCTION_kernel); one left out ran on the host CPU."""
+    from tvm import tirx
+
+    if device.tvm_target["kind"] not in GPU_KINDS:
+        return
+    source = device_kernels(executable, device)
+    launched = set(re.findall(r"__kernel\s+void\s+(\w+?)_kernel\w*\s*\(", source))
+    functions = [gv.name_hint for gv, f in lowered.functions.items()
+                 if isinstance(f, tirx.PrimFunc)]
+    on_host = sorted(set(functions) - launched)
+    if on_host:
+        raise LrdeployError(f"the build for '{device.name}' runs {len(on_host)} kernel(s) on "
+                            f"the host CPU instead of the GPU: {', '.join(on_host[:5])}"
+                            f"{' ...' if len(on_host) > 5 else ''}")

@@ -75,6 +75,8 @@ class Device:
     ram_kib: int | None = None
     cflags: list[str] = field(default_factory=list)
     emulator_machine: str | None = None
+    # GPUs: the half-precision peak (--dtype float16), twice fp32 on Mali Valhall and Adreno.
+    peak_gflops_fp16: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +116,27 @@ BUILTIN_DEVICES: dict[str, Device] = {
                          "mattr": ["+neon", "+v8.2a", "+dotprod", "+fullfp16"], "num-cores": 12},
              cores=12, peak_gflops=422.4, bandwidth_gbs=204.8, l2_kib=256,
              rpc_key="jetson-orin", **_AARCH64_LINUX),
+        _row("mali-g610", "Arm Mali-G610 MP4 @ 1 GHz (RK3588 boards: Orange Pi 5, Rock 5B), "
+             "OpenCL, aarch64 Linux host",
+             family="mobile_gpu",
+             tvm_target={"kind": "opencl", "device": "mali",
+                         "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                  "mcpu": "cortex-a76", "mattr": ["+neon"]}},
+             triple="aarch64-linux-gnu", cores=4, peak_gflops=512.0, peak_gflops_fp16=1024.0,
+             bandwidth_gbs=34.0, l2_kib=512, simd_lanes=16, rpc_key="rk3588-mali",
+             cross_compiler="aarch64-linux-gnu-gcc",
+             cross_compiler_package="gcc-aarch64-linux-gnu"),
+        # TVM's tag qcom/adreno-opencl, with an Android host for the VM code.
+        _row("adreno-7xx", "Qualcomm Adreno 740 (Snapdragon 8 Gen 2 phones), OpenCL, "
+             "Android arm64 host",
+             family="mobile_gpu",
+             tvm_target={"kind": "opencl", "device": "adreno",
+                         "keys": ["adreno", "opencl", "gpu"],
+                         "host": {"kind": "llvm", "mtriple": "aarch64-linux-android",
+                                  "mattr": ["+neon"]}},
+             triple="aarch64-linux-android", ndk=True, cores=6, peak_gflops=2000.0,
+             peak_gflops_fp16=4000.0, bandwidth_gbs=67.0, l2_kib=1024, simd_lanes=16,
+             rpc_key="android-adreno"),
         _row("cortex-m4", "STM32F4-class microcontroller: Cortex-M4F @ 168 MHz, 192 KiB RAM, "
              "1 MiB flash (C project, emulated on an MPS2-AN386 board)",
              tvm_target={"kind": "c", "mcpu": "cortex-m4"}, cores=1, peak_gflops=0.168,
@@ -131,7 +154,7 @@ BUILTIN_DEVICES: dict[str, Device] = {
 
 REQUIRED_FIELDS = [f.name for f in fields(Device)
                    if f.default is MISSING and f.default_factory is MISSING]
-FAMILIES = ("host", "arm_cpu", "mcu")
+FAMILIES = ("host", "arm_cpu", "mobile_gpu", "mcu")
 
 
 def load_device_file(path: str | os.PathLike[str]) -> dict[str, Device]:
