@@ -231,8 +231,12 @@ def _time_tvm(outdir: Path, manifest: dict, feed: runtime.Feeds, place: _Place, 
     except LrdeployError:
         raise
     except Exception as exc:
+        hint = ""
+        if "opencl" in str(exc) and "not registered" in str(exc):
+            hint = (" (the device's TVM runtime has no OpenCL: build it with USE_OPENCL ON, "
+                    "README 'Mobile GPUs')")
         raise LrdeployError(f"the run on {place.label} failed after {len(timing.samples_ms)} "
-                            f"of {runs} samples: {_reason(exc)}") from None
+                            f"of {runs} samples: {_reason(exc)}{hint}") from None
 
 
 def _tvm_layers(outdir: Path, manifest: dict, session: Any, device: Any,

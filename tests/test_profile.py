@@ -155,3 +155,18 @@ def test_host_profile_side_by_side_dense_and_compressed(tmp_path, minilm_l3):
     ort_low_rank = rows[2]["layer_summary"]
     assert ort_low_rank["share_factorized"] > 0 and rows[0]["layer_summary"][
         "share_factorized"] == 0  # the dense model has no factorized site
+
+
+def test_a_gpu_artifact_is_sent_to_the_device_and_needs_its_opencl_runtime(
+        tracker_with_device, minilm_rpi4, tmp_path):
+    """The emulated board's TVM runtime has no OpenCL, as the PyPI wheels: the Mali artifact
+    travels over RPC and is refused there, with the way out."""
+    tracker, _ = tracker_with_device
+    compressed = minilm_rpi4.parent / "minilm_lr.onnx"
+    outdir = tmp_path / "mali"
+    compile_model(compressed, "mali-g610", outdir,
+                  input_shapes={"input_ids": (1, 8), "attention_mask": (1, 8)})
+    proc = run_cli("profile", outdir, "--tracker", tracker.address, "--key", KEY, "--emulated",
+                   "--runs", "1")
+    assert proc.returncode == 2
+    assert "{opencl}" in proc.stderr and "USE_OPENCL ON" in proc.stderr
