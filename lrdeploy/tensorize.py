@@ -386,15 +386,24 @@ def chain_model(layout: TTLayout, batch: Sequence[int]) -> ir.Model:
                          lambda builder, x: build_chain(builder, x, layout, cores))
 
 
+# Orders that contract a middle core first carry two rank axes at once: at 4096 x 4096, batch
+# 32 and rank 79 such an intermediate is 3.3 GB. They are never the fast order, and timing them
+# took minutes and 7 GB of memory, so a step whose input or output exceeds this is not timed.
+MAX_TIMED_STEP_BYTES = 256 << 20
+
+
 def measured_step_cost(latency, batch: Sequence[int]) -> StepCost:
     """Step cost = its latency (ms) from ``latency`` (a ``lrdeploy.latency.LatencyModel``,
     cached per device: a step shape is timed once). A final step with nothing to transpose
-    costs nothing."""
+    costs nothing; a step over ``MAX_TIMED_STEP_BYTES`` costs infinity (float32)."""
 
     @functools.cache
     def cost(step: Step) -> float:
         if step.core is None and step.perm is None:
             return 0.0
+        largest = max(math.prod(step.shape), math.prod(step.after_shape)) * math.prod(batch)
+        if 4 * largest > MAX_TIMED_STEP_BYTES:
+            return math.inf
         return latency.chain_ms([step_model(step, batch)])[0]
 
     return cost

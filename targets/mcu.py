@@ -117,6 +117,9 @@ def extract_program(fused: Any) -> Program:
         value = getattr(expr, "value", None)
         if value is not None and hasattr(value, "numpy"):
             array = value.numpy()
+            if str(array.dtype) not in C_TYPES:
+                raise LrdeployError(f"a weight has dtype {array.dtype}, which the C "
+                                    f"deployment does not support ({', '.join(C_TYPES)})")
             key = hashlib.sha1(array.tobytes() + str(array.shape).encode()
                                + str(array.dtype).encode()).hexdigest()
             if key not in constant_names:
