@@ -15,7 +15,7 @@ measured check of the chosen plan.
    real model at the end).
 3. Latency model: every candidate chain (and each site's dense operator) timed on the device
    (``lrdeploy.latency``, cached per device), plus the untouched rest of the model measured
-   once: ``rest = T(dense model) - sum_s T(dense site s)``.
+   once: ``rest = max(0, T(dense model) - sum_s T(dense site s))``.
 4. Search: a multiple-choice knapsack (``lrdeploy.search``) minimising the predicted error with
    predicted latency (or parameters) within the budget. The chosen plan is applied and measured
    on the device (side by side with the dense model, scaled to the dense model's reference
@@ -307,8 +307,12 @@ class Planner:
         return self.dense_model_ms if kind == "ms" else float(model_params(self.analysis.model))
 
     def rest(self, kind: str) -> float:
-        """The cost of everything the plan does not touch."""
-        return self.dense_cost(kind) - sum(o.candidates[0].cost(kind) for o in self.options)
+        """The cost of everything the plan does not touch, never below zero: each chain is
+        timed alone with its own call overhead, so on a small model (or a loaded machine) the
+        dense chains can sum to more than the whole model, and a negative rest would make a
+        negative latency look reachable."""
+        return max(0.0, self.dense_cost(kind) - sum(o.candidates[0].cost(kind)
+                                                     for o in self.options))
 
     def frontier(self, kind: str) -> Frontier:
         groups = [[Option(c.cost(kind), c.model_error) for c in o.candidates]
