@@ -140,14 +140,12 @@ def compile_model(
 
         progress("importing into TVM Relax")
         proto = ir.serde.serialize_model(onnx_model)
-        shapes = {s.name: s.shape for s in specs}
+        mod = build.import_onnx(proto, {s.name: s.shape for s in specs})
         half_precision = None
         if dtype == "float16":
-            mod = build.to_half(build.import_onnx(proto, shapes))
+            mod = build.to_half(mod)
             progress("measuring the float16 error on a host build")
             half_precision = _half_precision_error(mod, onnx_model, specs)
-        else:
-            mod = build.import_onnx(proto, shapes)
         fused = build.fuse(mod, device)
         database = None
         if tune_trials:

@@ -77,7 +77,6 @@ def clip_kernels_as_ops(mod: Any) -> Any:
     TVM's ONNX importer writes Clip as TE kernels, ``call_tir(maximum|minimum, (x, bound))``,
     whose arguments its ToMixedPrecision cannot type (it fails on MobileNetV2's ReLU6). The
     same elementwise functions as ``relax.op.maximum`` / ``minimum`` convert."""
-    import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -93,7 +92,7 @@ def clip_kernels_as_ops(mod: Any) -> Any:
                     return operator(*call.args[1].fields)
             return call
 
-    rewritten = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(mod.functions)
+    rewritten = mod.clone()
     rewritten["main"] = ClipKernels(mod).visit_expr(mod["main"])
     return relax.transform.DeadCodeElimination(["main"])(rewritten)
 

@@ -36,7 +36,7 @@ import numpy as np
 from lrdeploy import __version__
 from lrdeploy.errors import LrdeployError
 from lrdeploy.runtime import Feeds
-from lrdeploy.targets.arena import Buffer, aligned, plan_arena
+from lrdeploy.targets.arena import ArenaPlan, Buffer, aligned, plan_arena
 from lrdeploy.targets.devices import Device
 from lrdeploy.targets.runner import require_tool
 
@@ -207,8 +207,8 @@ def scratch_bytes(source: str, kernel: str) -> int:
     return total
 
 
-def plan_memory(program: Program) -> tuple[dict[str, int], Any]:
-    """Arena offsets of every activation and of every step's scratch, and the plan."""
+def plan_memory(program: Program) -> ArenaPlan:
+    """The arena plan: offsets of every activation and of every step's scratch."""
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     outside = {program.input, program.storage(program.output), *program.constants}
@@ -223,8 +223,7 @@ def plan_memory(program: Program) -> tuple[dict[str, int], Any]:
                for name in first]
     buffers += [Buffer(f"scratch{index}", step.scratch, index, index)
                 for index, step in enumerate(program.steps) if step.scratch]
-    plan = plan_arena(buffers, ALIGNMENT)
-    return plan.offsets, plan
+    return plan_arena(buffers, ALIGNMENT)
 
 
 def _c_array(array: np.ndarray) -> str:
@@ -434,9 +433,9 @@ def compile_fused(fused: Any, staged: Path, device: Device, model_name: str
     kernels = kernel_source(fused, program, device)
     for step in program.steps:
         step.scratch = scratch_bytes(kernels, step.kernel)
-    offsets, plan = plan_memory(program)
+    plan = plan_memory(program)
     (staged / "kernels.c").write_text(kernels)
-    (staged / "model.c").write_text(model_source(program, offsets, plan.size))
+    (staged / "model.c").write_text(model_source(program, plan.offsets, plan.size))
     (staged / "model.h").write_text(model_header(program, plan.size, model_name))
     for name in TEMPLATES:
         (staged / name).write_text(_template(name))
@@ -446,6 +445,7 @@ def compile_fused(fused: Any, staged: Path, device: Device, model_name: str
     makefile = _template("Makefile.in")
     for key, value in {"MODEL": model_name, "DEVICE": device.name, "VERSION": __version__,
                        "CFLAGS": " ".join(device.cflags),
+                       "EMULATOR": device.emulator or "qemu-system-arm",
                        "MACHINE": device.emulator_machine or "none"}.items():
         makefile = makefile.replace(f"@{key}@", value)
     (staged / "Makefile").write_text(makefile)
@@ -473,9 +473,8 @@ def run(outdir: Path, manifest: dict, feeds: list[Feeds], emulate: bool) -> list
         build = Path(tmp) / "build"
         shutil.copytree(outdir, build, ignore=shutil.ignore_patterns("*.onnx", "*.json"))
         _make(build, "lrd_qemu.elf" if emulate else "lrd_host")
-        command = [device.emulator, "-M", device.emulator_machine, "-nographic", "-monitor",
-                   "none", "-semihosting-config", "enable=on,target=native", "-kernel",
-                   "lrd_qemu.elf"] if emulate else ["./lrd_host"]
+        # The Makefile's run-qemu is the one place that knows how to start the board.
+        command = ["make", "-s", "run-qemu"] if emulate else ["./lrd_host"]
         results = []
         for feed in feeds:
             np.ascontiguousarray(feed[name], dtype=np.float32).tofile(build / "input.bin")
@@ -485,8 +484,9 @@ def run(outdir: Path, manifest: dict, feeds: list[Feeds], emulate: bool) -> list
             if proc.returncode != 0 or not (build / "output.bin").is_file():
                 message = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
                 where = f" under {device.emulator}" if emulate else ""
+                # The first line is the harness's own (make adds its summary after it).
                 raise LrdeployError(f"the C model failed{where}: "
-                                    f"{message[-1] if message else f'exit {proc.returncode}'}")
+                                    f"{message[0] if message else f'exit {proc.returncode}'}")
             output = np.fromfile(build / "output.bin", dtype=np.float32)
             results.append([output.reshape(manifest["mcu"]["output_shape"])])
     return results

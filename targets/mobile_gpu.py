@@ -73,8 +73,7 @@ def check_kernels(source: str) -> tuple[int, str]:
     sections = kernel_sections(source)
     if not sections:
         raise LrdeployError("the OpenCL source holds no kernel")
-    half = [name for name, text in sections.items() if "cl_khr_fp16" in text]
-    if half:
+    if any("cl_khr_fp16" in text for text in sections.values()):
         clang = next((c for c in CLANG_CANDIDATES if shutil.which(c)), None)
         if clang is None:
             raise LrdeployError("no clang to check the half-precision OpenCL kernels: "
