@@ -94,6 +94,9 @@ def compile_model(
     device = get_device(target, device_file)
     family = _family(device)
     outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise LrdeployError(f"{outdir}: exists and is a file, not a folder; choose a new or "
+                            "empty folder for -o")
     if outdir.exists() and any(outdir.iterdir()) and not (outdir / MANIFEST).is_file():
         raise LrdeployError(f"{outdir}: exists and is not an lrdeploy artifact folder; "
                             "choose a new or empty folder")

@@ -155,6 +155,14 @@ def test_unknown_target_lists_the_known_ones(tmp_path, minilm_l3):
     assert not (tmp_path / "out").exists()
 
 
+def test_output_that_is_a_file_is_refused_and_left_alone(tmp_path, minilm_l3):
+    taken = tmp_path / "taken.onnx"
+    taken.write_bytes(b"not mine to overwrite")
+    proc = run_cli("compile", minilm_l3, "--target", "host", "-o", taken)
+    _assert_clean_failure(proc, "taken.onnx: exists and is a file")
+    assert taken.read_bytes() == b"not mine to overwrite"
+
+
 def test_missing_cross_compiler_names_the_debian_package(tmp_path, minilm_l3):
     devices = tmp_path / "devices.toml"
     devices.write_text('''
