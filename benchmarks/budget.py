@@ -9,9 +9,9 @@ fresh-session timings of the same model with two threads differ by 5% and at tim
 one thread by about 1%, and the budget check is only as good as the timing.
 
 For each model and each budget (a fraction of the dense model's onnxruntime latency, measured
-first), four ways of choosing ranks each meet the budget, then all are timed in interleaved
-pairs beside the dense model (as the planner checks a plan: fresh sessions, interleaved rounds,
-the least-disturbed round of each) and scored for fidelity on held-out data:
+first), four ways of choosing ranks each meet the budget, then all are timed again beside the dense
+model (as the planner checks a plan: fresh sessions, single runs alternating, the median ratio
+within a pair) and scored for fidelity on held-out data:
 
     uniform energy  one energy:E for every site (MNN-style), E bisected on measured latency
     greedy MACs     per-layer ranks by a greedy error-per-MAC rule (AIMET-style), the MAC
@@ -236,8 +236,7 @@ def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float
 
 # -- the run -----------------------------------------------------------------------------------
 
-def run_task(task: Task, fractions: list[float], rounds: int, threads: int | None
-             ) -> list[dict]:
+def run_task(task: Task, fractions: list[float], threads: int | None) -> list[dict]:
     device = get_device("host")
     feed = task.calib[0]
     started = time.time()
@@ -250,7 +249,7 @@ def run_task(task: Task, fractions: list[float], rounds: int, threads: int | Non
     print(f"dense onnxruntime {dense_ms:.3f} ms", flush=True)
 
     def measure(model: ir.Model) -> float:
-        model_ms, reference_ms = latency.side_by_side_ms([model, plain.model], feed)
+        model_ms, reference_ms = latency.pair_ms(model, plain.model, feed)
         return model_ms / reference_ms * dense_ms
 
     planners = {
@@ -292,14 +291,13 @@ def run_task(task: Task, fractions: list[float], rounds: int, threads: int | Non
                         "model": apply_plan(plain.model, Plan(entries), plain.sites)})
         configs.append({"budget": None, "how": "same ranks, whitened SVD",
                         "model": tightest[-1]["model"]})
-    # Each configuration is timed beside the dense model, in pairs (fresh sessions, the least
-    # of ``rounds`` interleaved timings each), exactly as the planner checks a plan; ratios to
-    # dense are then what a shared machine's changing load does not move.
+    # Each configuration is timed again beside the dense model (fresh sessions, alternating
+    # runs), exactly as the planner checks a plan; ratios to dense are then what a shared
+    # machine's changing load does not move.
     ratios: dict[int, float] = {}
     for config in configs[1:]:
         if config["model"] is not None:
-            model_ms, reference_ms = latency.side_by_side_ms([config["model"], plain.model],
-                                                             feed, rounds)
+            model_ms, reference_ms = latency.pair_ms(config["model"], plain.model, feed)
             ratios[id(config)] = model_ms / reference_ms
     rows = []
     for config in configs:
@@ -340,8 +338,6 @@ def main() -> None:
                         choices=["minilm", "mobilenet"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6])
     parser.add_argument("--calib", type=int, default=32, help="calibration samples")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds of each final timing pair")
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime threads for every timing (0: its default). On a "
                              "2-core shared VM two 2-thread timings of one model differ by 5%% "
@@ -349,7 +345,7 @@ def main() -> None:
     args = parser.parse_args()
     tasks = {"minilm": minilm_task, "mobilenet": mobilenet_task}
     for name in args.models:
-        rows = run_task(tasks[name](args.calib), args.budgets, args.rounds, args.threads or None)
+        rows = run_task(tasks[name](args.calib), args.budgets, args.threads or None)
         print_rows(rows)
 
 

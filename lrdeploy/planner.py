@@ -423,8 +423,7 @@ class Planner:
         estimate is taken as is)."""
         if self.latency.estimate:
             return self.latency.model_ms(model, self.feeds[0])
-        plan_ms, dense_ms = self.latency.side_by_side_ms(
-            [model, self.analysis.model], self.feeds[0])
+        plan_ms, dense_ms = self.latency.pair_ms(model, self.analysis.model, self.feeds[0])
         self._dense_ms.append(dense_ms)
         return plan_ms / dense_ms * (reference or self.dense_model_ms)
 
