@@ -19,9 +19,11 @@ measured check of the chosen plan.
 4. Search: a multiple-choice knapsack (``lrdeploy.search``) minimising the predicted error with
    predicted latency (or parameters) within the budget. The chosen plan is applied and measured
    on the device (side by side with the dense model, scaled to the dense model's reference
-   time), aiming ``NOISE_MARGIN`` under the budget; while it misses, the budget the search
-   sees is tightened by the miss, and while it leaves much slack, loosened (at most
-   ``MAX_ATTEMPTS`` measured plans).
+   time), aiming ``NOISE_MARGIN`` under the budget; a plan that fits is timed twice and the
+   slower timing counts. While it misses, the budget the search sees is tightened by the
+   miss, and while it leaves much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans).
+   A measured budget is refused only once the cheapest plan has been measured over it: the
+   predicted least (rest plus the cheapest chains) mixes timings taken at other moments.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from lrdeploy.tensorize import StepCost, TTLayout, choose_shape, measured_step_c
 from lrdeploy.verify import compare_outputs, reference_outputs
 
 MAX_ATTEMPTS = 5
-NOISE_MARGIN = 0.03
+NOISE_MARGIN = 0.02  # aim this far under a measured budget (plan timings vary by ~1%)
+LOOSEN_ABOVE = 0.01  # loosen the search budget while a fitting plan leaves more slack
 PROBES = 3  # candidates per site whose model error is measured, not interpolated
 # Fractions of each full rank in the grid (finer where compression is strongest).
 RANK_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16, 1 / 2, 5 / 8, 3 / 4)
@@ -354,14 +357,14 @@ class Planner:
         frontier = self.frontier(kind)
         rest = self.rest(kind)
         least = rest + frontier.least_cost
-        if budget < least:
-            raise LrdeployError(
-                f"budget {budget:g} {unit} is below the least reachable {least:.4g} {unit} "
-                f"on {self.device.name} ({self.latency.label if kind == 'ms' else 'parameters'}"
-                "; every site at its cheapest option)")
         # A measured plan aims a little under the budget: two timings of one model on a shared
         # host differ by a few percent, and a plan that only just fits one may miss the next.
         measured_kind = kind == "ms" and not self.latency.estimate
+        # A measured budget under the predicted least is not refused on the prediction: the
+        # rest of the model comes from timings taken at other moments (cached chains, one
+        # dense timing), so the cheapest plan is measured first and decides.
+        if budget < least and not measured_kind:
+            raise self._unreachable(budget, unit, least, "")
         aim = budget * (1 - NOISE_MARGIN) if measured_kind else budget
         attempts: list[dict] = []
         met = missed = None  # (predicted, measured, plan, model, choice) of the best each
@@ -381,6 +384,10 @@ class Planner:
             self.progress(f"measuring the plan (attempt {len(attempts) + 1})")
             measured = (self._measure(model, reference) if kind == "ms"
                         else float(model_params(model)))
+            if measured_kind and measured <= aim:
+                # A fit is timed again and the slower timing counts: of several plans timed
+                # near the budget, the one that fits is often the one timed luckily.
+                measured = max(measured, self._measure(model, reference))
             attempts.append({"search_budget": target, "predicted": predicted,
                              "measured": measured, "picks": choice.picks})
             trial = (predicted, measured, plan, model, choice)
@@ -398,6 +405,11 @@ class Planner:
             attempt["picks"] = list(attempt["picks"])
         # The first attempt is always measured, so one of the two is set.
         predicted, measured, plan, model, choice = met or missed
+        if measured > budget * (1 + tolerance) and any(a["search_budget"] <= least
+                                                       for a in attempts):
+            # The cheapest plan was measured, and missed.
+            raise self._unreachable(budget, unit, min(a["measured"] for a in attempts),
+                                    f" as measured (predicted {least:.4g})")
         if measured > budget * (1 + tolerance):
             raise LrdeployError(
                 f"budget {budget:g} {unit} missed after {len(attempts)} attempt(s): the best "
@@ -415,6 +427,12 @@ class Planner:
             attempts=attempts, sites=self._site_rows(choice.picks),
             chains_measured=self.latency.measured, chains_cached=self.latency.reused,
         )
+
+    def _unreachable(self, budget: float, unit: str, least: float, how: str) -> LrdeployError:
+        engine = self.latency.label if unit == "ms" else "parameters"
+        return LrdeployError(f"budget {budget:g} {unit} is below the least reachable {least:.4g} "
+                             f"{unit}{how} on {self.device.name} ({engine}; every site at its "
+                             "cheapest option)")
 
     def _measure(self, model: ir.Model, reference: float | None = None) -> float:
         """The plan's latency: timed side by side with the dense model and scaled to the
@@ -482,14 +500,14 @@ def _next_search_budget(budget: float, met, missed) -> float | None:
     and ``missed`` are (predicted, measured, ...) of the best plan within / over the budget.
 
     Only a miss: the prediction that missed, lowered by the miss (plus 1%). Only a fit: raised
-    by the slack when that is above 3%. Both: interpolate linearly (measured against
-    predicted) between them, stopping once they are within 1% of the budget.
+    by the slack when that is above ``LOOSEN_ABOVE``. Both: interpolate linearly (measured
+    against predicted) between them, stopping once they are within 1% of the budget.
     """
     if missed is not None and met is None:
         return missed[0] - (missed[1] - budget) - 0.01 * budget
     if met is not None and missed is None:
         slack = budget - met[1]
-        return met[0] + slack if slack > 0.03 * budget else None
+        return met[0] + slack if slack > LOOSEN_ABOVE * budget else None
     (low, low_ms), (high, high_ms) = met[:2], missed[:2]
     if abs(high - low) < 0.01 * budget or high_ms <= low_ms:
         return None

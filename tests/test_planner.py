@@ -264,3 +264,17 @@ def test_latency_threads_are_timed_and_cached_apart(mlp, tmp_path, latency_cache
     result = run_cli("plan", mlp, "--budget-ms", "50%", "--latency-threads", "0")
     assert result.returncode == 2 and "--latency-threads must be at least 1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_pair_timing_compares_a_model_with_its_reference(mlp, latency_cache):
+    """The plan check's timing (runs of the two alternate, the median ratio within a pair)
+    finds a model level with itself and half the work below the whole."""
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    first_layer = standalone(analysis.model, analysis.sites[0])  # half the model's FLOPs
+    latency = OnnxruntimeLatency(get_device("host"), threads=1)
+    feed = runtime.random_inputs(analysis.model, analysis.specs, 0)
+    same, reference = latency.pair_ms(analysis.model, analysis.model, feed)
+    assert 0.8 < same / reference < 1.25
+    part, whole = latency.pair_ms(first_layer, analysis.model, feed)
+    assert part < 0.8 * whole
+    assert latency.measured == 0  # whole-model timings are never cached
