@@ -369,7 +369,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime threads for every timing (0: its default). On a "
                              "2-core shared VM two 2-thread timings of one model differ by 5%% "
-                             "and more, 1-thread ones by about 1%%")
+                             "and more, 1-thread ones far less")
     args = parser.parse_args()
     tasks = {"minilm": minilm_task, "mobilenet": mobilenet_task}
     for name in args.models:

@@ -172,8 +172,7 @@ class OnnxruntimeLatency(LatencyModel):
         ``side_by_side_ms`` protocol), by 5% and at times more."""
         sessions = (self._session(model), self._session(reference))
         for session in sessions:
-            for _ in range(3):
-                session.run(None, feed)
+            _warm_up(session, feed)
         ratios, reference_runs = [], []
         started = time.perf_counter()
         while len(ratios) < min_pairs or (time.perf_counter() - started < min_time_s
@@ -181,9 +180,7 @@ class OnnxruntimeLatency(LatencyModel):
             order = (0, 1) if len(ratios) % 2 == 0 else (1, 0)
             runs = [0.0, 0.0]
             for index in order:
-                begin = time.perf_counter()
-                sessions[index].run(None, feed)
-                runs[index] = (time.perf_counter() - begin) * 1e3
+                runs[index] = _run_ms(sessions[index], feed)
             ratios.append(runs[0] / runs[1])
             reference_runs.append(runs[1])
         reference_ms = statistics.median(reference_runs)
@@ -223,16 +220,24 @@ def _identity_of(model: ir.Model) -> ir.Model:
 
 def time_session(session, feed: runtime.Feeds, min_time_s: float, min_runs: int) -> float:
     """Median ms of ``session.run`` over at least ``min_runs`` runs and ``min_time_s``."""
-    for _ in range(3):
-        session.run(None, feed)
+    _warm_up(session, feed)
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < min_runs or (time.perf_counter() - started < min_time_s
                                       and len(samples) < 1000):
-        begin = time.perf_counter()
-        session.run(None, feed)
-        samples.append((time.perf_counter() - begin) * 1e3)
+        samples.append(_run_ms(session, feed))
     return statistics.median(samples)
+
+
+def _warm_up(session, feed: runtime.Feeds) -> None:
+    for _ in range(3):  # the first runs allocate and pack weights
+        session.run(None, feed)
+
+
+def _run_ms(session, feed: runtime.Feeds) -> float:
+    begin = time.perf_counter()
+    session.run(None, feed)
+    return (time.perf_counter() - begin) * 1e3
 
 
 class TvmLatency(LatencyModel):
