@@ -242,14 +242,17 @@ def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float
            measure: Callable[[ir.Model], float], low: float, high: float) -> tuple[Plan, float]:
     """The plan at the largest knob value in [low, high] whose measured latency is within the
     budget less the planner's ``NOISE_MARGIN``: measured as the planner measures (beside the
-    dense model) and aimed as it aims, so that every way of choosing ranks gets the same
-    latency."""
+    dense model; a fit is timed again and the slower timing counts) and aimed as it aims, so
+    that every way of choosing ranks gets the same latency."""
     budget *= 1 - NOISE_MARGIN
     best = None
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
         plan = make(middle)
-        ms = measure(apply_plan(analysis.model, plan, analysis.sites))
+        model = apply_plan(analysis.model, plan, analysis.sites)
+        ms = measure(model)
+        if ms <= budget:
+            ms = max(ms, measure(model))
         if ms <= budget:
             best, low = (plan, middle), middle
         else:
@@ -279,10 +282,10 @@ def run_task(task: Task, fractions: list[float], threads: int | None) -> list[di
         return model_ms / reference_ms * dense_ms
 
     planners = {
-        "planner svd": Planner(aware, device, latency, task.calib[:8], data_aware=False,
-                               error_feeds=8),
-        "planner wsvd": Planner(aware, device, latency, task.calib[:8], data_aware=True,
-                                error_feeds=8),
+        "planner svd": Planner(aware, device, latency, task.calib[:16], data_aware=False,
+                               error_feeds=16),
+        "planner wsvd": Planner(aware, device, latency, task.calib[:16], data_aware=True,
+                                error_feeds=16),
     }
     print(f"candidates and sensitivities ready ({time.time() - started:.0f} s)", flush=True)
     configs: list[dict] = [{"budget": None, "how": "dense ONNX", "model": plain.model}]

@@ -20,8 +20,10 @@ measured check of the chosen plan.
    predicted latency (or parameters) within the budget. The chosen plan is applied and measured
    on the device (side by side with the dense model, scaled to the dense model's reference
    time), aiming ``NOISE_MARGIN`` under the budget; a plan that fits is timed twice and the
-   slower timing counts. While it misses, the budget the search sees is tightened by the
-   miss, and while it leaves much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans).
+   slower timing counts, and its model error is measured; of the plans that fit, the one with
+   the least measured model error is kept. While it misses, the budget the search sees is
+   tightened by the miss, and while it leaves much slack, loosened (at most ``MAX_ATTEMPTS``
+   measured plans).
    A measured budget is refused only once the cheapest plan has been measured over it: the
    predicted least (rest plus the cheapest chains) mixes timings taken at other moments.
 """
@@ -39,7 +41,7 @@ import onnx_ir as ir
 from lrdeploy import runtime
 from lrdeploy.analysis import ModelAnalysis
 from lrdeploy.decompositions import svd_output_errors, tail_sums, tt_matrix, tt_matrix_dense
-from lrdeploy.errors import LrdeployError
+from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.latency import LatencyModel, RooflineLatency
 from lrdeploy.methods import DENSE, rule_for
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
@@ -53,6 +55,8 @@ MAX_ATTEMPTS = 5
 NOISE_MARGIN = 0.02  # aim this far under a measured budget (plan timings vary by ~1%)
 LOOSEN_ABOVE = 0.01  # loosen the search budget while a fitting plan leaves more slack
 PROBES = 3  # candidates per site whose model error is measured, not interpolated
+# A relative output error at or above this means the outputs are no closer than zeros.
+USELESS_ERROR = 1.0
 # Fractions of each full rank in the grid (finer where compression is strongest).
 RANK_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16, 1 / 2, 5 / 8, 3 / 4)
 SEED_ENERGIES = (0.8, 0.9, 0.95, 0.99)
@@ -388,14 +392,19 @@ class Planner:
                 # A fit is timed again and the slower timing counts: of several plans timed
                 # near the budget, the one that fits is often the one timed luckily.
                 measured = max(measured, self._measure(model, reference))
-            attempts.append({"search_budget": target, "predicted": predicted,
-                             "measured": measured, "picks": choice.picks})
-            trial = (predicted, measured, plan, model, choice)
+            attempt = {"search_budget": target, "predicted": predicted,
+                       "measured": measured, "picks": choice.picks}
+            attempts.append(attempt)
             if measured <= aim:
-                if met is None or choice.error < met[4].error:
+                # Of the plans that fit, the real model decides: the predicted error assumes
+                # the sites' errors add up, which the measured one does not need.
+                attempt["measured_relative_error"] = self.model_error(model)[0]
+                trial = (predicted, measured, plan, model, choice,
+                         attempt["measured_relative_error"])
+                if met is None or trial[5] < met[5]:
                     met = trial
             elif missed is None or predicted < missed[0]:
-                missed = trial
+                missed = (predicted, measured, plan, model, choice, None)
             if not measured_kind:
                 break
             target = _next_search_budget(aim, met, missed)
@@ -404,7 +413,7 @@ class Planner:
         for attempt in attempts:
             attempt["picks"] = list(attempt["picks"])
         # The first attempt is always measured, so one of the two is set.
-        predicted, measured, plan, model, choice = met or missed
+        predicted, measured, plan, model, choice, _ = met or missed
         if measured > budget * (1 + tolerance) and any(a["search_budget"] <= least
                                                        for a in attempts):
             # The cheapest plan was measured, and missed.
@@ -416,6 +425,13 @@ class Planner:
                 f"plan measured {measured:.4g} {unit} on {self.device.name} (predicted "
                 f"{predicted:.4g}); the least reachable is about {least:.4g}")
         error, cosine = self.model_error(model)
+        notes = []
+        if error >= USELESS_ERROR:
+            notes.append(f"the plan's relative output error on the calibration inputs is "
+                         f"{error:.3g}: its outputs are no closer to the dense model's than "
+                         "zeros are; the budget is too tight for factorization alone (a looser "
+                         "budget, or fine-tuning after compression)")
+            warn(notes[-1])
         return PlanOutcome(
             plan=plan, model=model, kind=kind, budget=budget, dense=self.dense_cost(kind),
             predicted=predicted, measured=measured,
@@ -426,6 +442,7 @@ class Planner:
                       for p in frontier.points()],
             attempts=attempts, sites=self._site_rows(choice.picks),
             chains_measured=self.latency.measured, chains_cached=self.latency.reused,
+            notes=notes,
         )
 
     def _unreachable(self, budget: float, unit: str, least: float, how: str) -> LrdeployError:

@@ -133,6 +133,11 @@ def test_budget_is_met_on_host_and_the_latency_cache_is_reused(mlp, tmp_path, la
     assert budget == pytest.approx(0.7 * reference, rel=1e-9)
     assert outcome.measured <= 1.05 * budget
     assert outcome.plan.factorized()
+    # Of the plans that fit, the one whose real model error is least is kept.
+    fits = [a["measured_relative_error"] for a in outcome.attempts
+            if "measured_relative_error" in a]
+    assert fits and outcome.measured_error == pytest.approx(min(fits), rel=1e-6)
+    assert not outcome.notes  # 70% of a decaying spectrum keeps the outputs close
     assert outcome.frontier[0]["cost"] < outcome.frontier[-1]["cost"]
     # A second planner for the same device measures no chain again.
     again = Planner(analysis, device, OnnxruntimeLatency(device), feeds)
@@ -211,6 +216,27 @@ def test_ledoit_wolf_shrinks_only_when_samples_are_few():
     assert np.linalg.norm(estimate - gram) < 0.02 * np.linalg.norm(gram)
     gram, estimate = shrunk(10)  # rank 10 of 40: the estimate must be full rank
     assert np.linalg.matrix_rank(gram) == 10 and np.linalg.eigvalsh(estimate)[0] > 0
+
+
+def test_a_plan_that_destroys_the_outputs_is_kept_with_a_warning(tmp_path, latency_cache):
+    """y = x W - x V with V close to W: any factorization's error dwarfs the small output."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    v = w + 0.01 * rng.standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
+             helper.make_node("MatMul", ["x", "v"], ["b"], name="second"),
+             helper.make_node("Sub", ["a", "b"], ["y"])]
+    model = make_model(nodes, [tensor_value("x", [32, 64])], ["y"],
+                       [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")])
+    path = tmp_path / "difference.onnx"
+    path.write_bytes(model.SerializeToString())
+    analysis = analyze_model(lrdeploy.load(path).canonical)
+    feeds = [runtime.random_inputs(analysis.model, analysis.specs, seed) for seed in range(2)]
+    planner = Planner(analysis, get_device("host"), RooflineLatency(get_device("host")), feeds)
+    with pytest.warns(LrdeployWarning, match="no closer to the dense model's than zeros"):
+        outcome = planner.solve("params", 0.6, relative=True)
+    assert outcome.plan.factorized() and outcome.measured_error >= 1
+    assert outcome.notes and "too tight" in outcome.notes[0]
 
 
 def test_roofline_plans_for_an_unreachable_device(mlp, latency_cache):
