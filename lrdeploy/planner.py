@@ -427,8 +427,8 @@ class Planner:
         error, cosine = self.model_error(model)
         notes = []
         if error >= USELESS_ERROR:
-            notes.append(f"the plan's relative output error on the calibration inputs is "
-                         f"{error:.3g}: its outputs are no closer to the dense model's than "
+            notes.append(f"the plan's measured relative output error is {error:.3g}: its "
+                         "outputs are no closer to the dense model's than "
                          "zeros are; the budget is too tight for factorization alone (a looser "
                          "budget, or fine-tuning after compression)")
             warn(notes[-1])
