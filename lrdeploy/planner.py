@@ -34,6 +34,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -45,7 +46,7 @@ from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.latency import LatencyModel, RooflineLatency
 from lrdeploy.methods import DENSE, rule_for
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
-from lrdeploy.search import Frontier, Option
+from lrdeploy.search import Choice, Frontier, Option
 from lrdeploy.sites import Site, model_params
 from lrdeploy.targets.devices import Device
 from lrdeploy.tensorize import StepCost, TTLayout, choose_shape, measured_step_cost
@@ -371,7 +372,8 @@ class Planner:
             raise self._unreachable(budget, unit, least, "")
         aim = budget * (1 - NOISE_MARGIN) if measured_kind else budget
         attempts: list[dict] = []
-        met = missed = None  # (predicted, measured, plan, model, choice) of the best each
+        met: _Trial | None = None  # the fit with the least measured error
+        missed: _Trial | None = None  # the miss with the least predicted cost
         target = aim
         for _ in range(3 * MAX_ATTEMPTS):  # bounded: repeated choices are not measured again
             if len(attempts) == MAX_ATTEMPTS:
@@ -398,13 +400,12 @@ class Planner:
             if measured <= aim:
                 # Of the plans that fit, the real model decides: the predicted error assumes
                 # the sites' errors add up, which the measured one does not need.
-                attempt["measured_relative_error"] = self.model_error(model)[0]
-                trial = (predicted, measured, plan, model, choice,
-                         attempt["measured_relative_error"])
-                if met is None or trial[5] < met[5]:
+                trial = _Trial(predicted, measured, plan, model, choice, self.model_error(model))
+                attempt["measured_relative_error"] = trial.fidelity[0]
+                if met is None or trial.fidelity[0] < met.fidelity[0]:
                     met = trial
-            elif missed is None or predicted < missed[0]:
-                missed = (predicted, measured, plan, model, choice, None)
+            elif missed is None or predicted < missed.predicted:
+                missed = _Trial(predicted, measured, plan, model, choice)
             if not measured_kind:
                 break
             target = _next_search_budget(aim, met, missed)
@@ -413,7 +414,8 @@ class Planner:
         for attempt in attempts:
             attempt["picks"] = list(attempt["picks"])
         # The first attempt is always measured, so one of the two is set.
-        predicted, measured, plan, model, choice, _ = met or missed
+        kept = met or missed
+        predicted, measured, plan, model, choice = kept[:5]
         if measured > budget * (1 + tolerance) and any(a["search_budget"] <= least
                                                        for a in attempts):
             # The cheapest plan was measured, and missed.
@@ -424,13 +426,13 @@ class Planner:
                 f"budget {budget:g} {unit} missed after {len(attempts)} attempt(s): the best "
                 f"plan measured {measured:.4g} {unit} on {self.device.name} (predicted "
                 f"{predicted:.4g}); the least reachable is about {least:.4g}")
-        error, cosine = self.model_error(model)
+        error, cosine = kept.fidelity or self.model_error(model)
         notes = []
         if error >= USELESS_ERROR:
             notes.append(f"the plan's measured relative output error is {error:.3g}: its "
-                         "outputs are no closer to the dense model's than "
-                         "zeros are; the budget is too tight for factorization alone (a looser "
-                         "budget, or fine-tuning after compression)")
+                         "outputs are no closer to the dense model's than zeros are; the "
+                         "budget is too tight for factorization alone (a looser budget, or "
+                         "fine-tuning after compression)")
             warn(notes[-1])
         return PlanOutcome(
             plan=plan, model=model, kind=kind, budget=budget, dense=self.dense_cost(kind),
@@ -512,19 +514,32 @@ def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(np.interp(x, xs, ys))
 
 
-def _next_search_budget(budget: float, met, missed) -> float | None:
+class _Trial(NamedTuple):
+    """One measured plan: its predicted and measured cost, and, for a plan that fits, the
+    model's (relative error, least cosine) on the planner's feeds."""
+
+    predicted: float
+    measured: float
+    plan: Plan
+    model: ir.Model
+    choice: Choice
+    fidelity: tuple[float, float] | None = None
+
+
+def _next_search_budget(budget: float, met: _Trial | None, missed: _Trial | None
+                        ) -> float | None:
     """The next budget to give the search after a measured attempt, or None to stop; ``met``
-    and ``missed`` are (predicted, measured, ...) of the best plan within / over the budget.
+    and ``missed`` are the kept plans within / over the budget.
 
     Only a miss: the prediction that missed, lowered by the miss (plus 1%). Only a fit: raised
     by the slack when that is above ``LOOSEN_ABOVE``. Both: interpolate linearly (measured
     against predicted) between them, stopping once they are within 1% of the budget.
     """
     if missed is not None and met is None:
-        return missed[0] - (missed[1] - budget) - 0.01 * budget
+        return missed.predicted - (missed.measured - budget) - 0.01 * budget
     if met is not None and missed is None:
-        slack = budget - met[1]
-        return met[0] + slack if slack > LOOSEN_ABOVE * budget else None
+        slack = budget - met.measured
+        return met.predicted + slack if slack > LOOSEN_ABOVE * budget else None
     (low, low_ms), (high, high_ms) = met[:2], missed[:2]
     if abs(high - low) < 0.01 * budget or high_ms <= low_ms:
         return None
