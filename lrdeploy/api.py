@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from lrdeploy import frontend, runtime
 from lrdeploy.analysis import ModelAnalysis, analyze_model
-from lrdeploy.calibration import site_grams
+from lrdeploy.calibration import site_statistics
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.fileio import same_file, write_json
 from lrdeploy.plan import Plan, apply_plan, make_plan
@@ -165,7 +165,8 @@ def compress(
     else:
         plan_source = f"--rank {rule} --method {method}"
         plan = make_plan(analysis, rule, method, only, skip, guard, tucker_sweeps)
-    compressed = apply_plan(loaded.canonical, plan, analysis.sites, analysis.grams)
+    compressed = apply_plan(loaded.canonical, plan, analysis.sites, analysis.grams,
+                            analysis.means)
     check_onnx(compressed)
     if calib_feeds is not None:
         feeds = calib_feeds
@@ -209,7 +210,8 @@ def _calibrated_analysis(loaded: Loaded, input_shapes, calib, seed: int, progres
                              calib_feeds[0] if calib_feeds else None)
     if calib_feeds is not None:
         progress("collecting calibration statistics")
-        analysis.grams = site_grams(loaded.canonical, analysis.sites, calib_feeds, progress)
+        analysis.grams, analysis.means = site_statistics(loaded.canonical, analysis.sites,
+                                                         calib_feeds, progress)
     return analysis, calib_feeds
 
 

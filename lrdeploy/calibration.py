@@ -1,4 +1,5 @@
-"""Calibration statistics: the Gram matrix ``X^T X`` of the activations entering each site.
+"""Calibration statistics: the Gram matrix ``X^T X`` and the mean row of the activations X
+entering each site.
 
 Activations are captured with onnxruntime (the site inputs are exposed as extra outputs) one
 feed at a time and accumulated in float64, so memory stays at one feed's activations.
@@ -7,6 +8,7 @@ feed at a time and accumulated in float64, so memory stays at one feed's activat
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -33,15 +35,23 @@ def feature_rows(site: Site, activation: np.ndarray) -> np.ndarray:
     return strided.transpose(0, 2, 3, 1).reshape(-1, activation.shape[1])
 
 
-def site_grams(
+class SiteStatistics(NamedTuple):
+    """Per site name: ``X^T X`` of its input features, and their mean (one value a feature)."""
+
+    grams: dict[str, np.ndarray]
+    means: dict[str, np.ndarray]
+
+
+def site_statistics(
     model: ir.Model,
     sites: Sequence[Site],
     feeds: Sequence[runtime.Feeds],
     progress: Callable[[str], None] = lambda message: None,
     shrink: bool = True,
-) -> dict[str, np.ndarray]:
-    """``X^T X`` at the input of each matrix / 1x1-conv site over ``feeds``, shrunk towards a
-    multiple of the identity by the Ledoit-Wolf rule (``shrink``).
+) -> SiteStatistics:
+    """``X^T X`` and the mean row of X at the input of each matrix / 1x1-conv site over
+    ``feeds``; the Gram matrix shrunk towards a multiple of the identity by the Ledoit-Wolf rule
+    (``shrink``).
 
     Few calibration samples for many features (a classifier's 1280 inputs from 32 images) give
     a rank-deficient Gram matrix: factors whitened by it fit the calibration set exactly and
@@ -52,7 +62,8 @@ def site_grams(
     wanted = [s for s in sites if not s.is_conv or s.kernel == (1, 1)]
     names = {s.name: site_input_name(model, s) for s in wanted}
     session = runtime.session(model, sorted(set(names.values())))
-    stats: dict[str, list] = {s.name: [0.0, 0.0, 0] for s in wanted}  # gram, sum |x|^4, n
+    # per site: X^T X, sum_i |x_i|^4, row count, sum_i x_i
+    stats: dict[str, list] = {s.name: [0.0, 0.0, 0, 0.0] for s in wanted}
     for index, feed in enumerate(feeds):
         progress(f"calibration activations {index + 1}/{len(feeds)}")
         outputs = runtime.run(session, feed)
@@ -64,7 +75,11 @@ def site_grams(
             entry[0] = entry[0] + rows.T @ rows
             entry[1] += float(np.sum(np.sum(rows**2, axis=1) ** 2))
             entry[2] += rows.shape[0]
-    return {name: ledoit_wolf(*entry) if shrink else entry[0] for name, entry in stats.items()}
+            entry[3] = entry[3] + rows.sum(axis=0)
+    grams = {name: ledoit_wolf(gram, fourth, count) if shrink else gram
+             for name, (gram, fourth, count, _) in stats.items()}
+    means = {name: total / count for name, (_, _, count, total) in stats.items()}
+    return SiteStatistics(grams, means)
 
 
 def ledoit_wolf(gram: np.ndarray, fourth: float, count: int) -> np.ndarray:

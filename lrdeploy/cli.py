@@ -146,7 +146,7 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
     group.add_argument("--key", help="device key registered with the tracker")
     group.add_argument("--plain-svd", action="store_true",
                        help="do not whiten SVD factors with the --calib activations (they still "
-                            "measure the errors)")
+                            "measure the errors and may correct the biases)")
     group.add_argument("--no-latency-cache", action="store_true",
                        help="time every chain again and do not save the figures")
     group.add_argument("--latency-threads", type=int, metavar="N",

@@ -24,18 +24,22 @@ from lrdeploy.sites import Site
 METHOD_CHOICES = ("auto", "svd", "tucker2", "spatial")
 DENSE = "dense"
 Grams = Mapping[str, np.ndarray]
+Means = Mapping[str, np.ndarray]
 
 
-def rules(tucker_sweeps: int = 0, grams: Grams | None = None) -> list[Factorization]:
-    """One rule object per (method, site kind); ``grams`` feed the data-aware ones."""
-    return [SVDMatMul(), SVDConv1x1(), WhitenedSVDMatMul(grams), WhitenedSVDConv1x1(grams),
+def rules(tucker_sweeps: int = 0, grams: Grams | None = None, means: Means | None = None
+          ) -> list[Factorization]:
+    """One rule object per (method, site kind); ``grams`` feed the data-aware ones and
+    ``means`` correct the biases of every SVD."""
+    return [SVDMatMul(means), SVDConv1x1(means), WhitenedSVDMatMul(grams, means),
+            WhitenedSVDConv1x1(grams, means),
             Tucker2Conv(tucker_sweeps), SpatialSVDConv(), TTMatrix()]
 
 
-def rule_for(method: str, site: Site, tucker_sweeps: int = 0,
-             grams: Grams | None = None) -> Factorization | None:
+def rule_for(method: str, site: Site, tucker_sweeps: int = 0, grams: Grams | None = None,
+             means: Means | None = None) -> Factorization | None:
     """The rule that applies ``method`` to ``site``, or None if the method does not fit it."""
-    for rule in rules(tucker_sweeps, grams):
+    for rule in rules(tucker_sweeps, grams, means):
         if rule.method == method and rule.applies(site):
             return rule
     return None

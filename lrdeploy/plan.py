@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from lrdeploy.analysis import ModelAnalysis
 from lrdeploy.errors import LrdeployError, warn
-from lrdeploy.methods import DENSE, Grams, method_for, rule_for
+from lrdeploy.methods import DENSE, Grams, Means, method_for, rule_for
 from lrdeploy.ranks import RankRule, resolve_ranks
 from lrdeploy.sites import Site
 from lrdeploy.tensorize import TTLayout
@@ -43,11 +43,14 @@ class PlanEntry:
 class Plan:
     entries: list[PlanEntry]
     tucker_sweeps: int = 0
+    # SVD sites' biases corrected by the calibration input means (``MatrixFactorization``)
+    bias_correction: bool = False
 
     def to_dict(self) -> dict:
         entries = [{k: v for k, v in asdict(e).items() if k != "tt" or v is not None}
                    for e in self.entries]
-        return {"format": PLAN_FORMAT, "tucker_sweeps": self.tucker_sweeps, "entries": entries}
+        return {"format": PLAN_FORMAT, "tucker_sweeps": self.tucker_sweeps,
+                "bias_correction": self.bias_correction, "entries": entries}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> Plan:
@@ -59,7 +62,8 @@ class Plan:
             for entry in entries:
                 if entry.method == "tt":
                     entry.rule_ranks()  # a missing or malformed layout fails here
-            return cls(entries, int(data.get("tucker_sweeps", 0)))
+            return cls(entries, int(data.get("tucker_sweeps", 0)),
+                       bool(data.get("bias_correction", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise LrdeployError(f"{source}: malformed plan entry ({exc})") from None
 
@@ -123,20 +127,26 @@ def _plan_site(analysis, site, rule, method, only, skip, guard) -> PlanEntry:
 
 
 def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site],
-               grams: Grams | None = None) -> ir.Model:
+               grams: Grams | None = None, means: Means | None = None) -> ir.Model:
     """Run the passes the plan names, one pass per method; ``model`` is not modified.
-    Data-aware entries (``wsvd``) use ``grams``; without them they get plain SVD factors."""
+    Data-aware entries (``wsvd``) use ``grams``; without them they get plain SVD factors.
+    With ``plan.bias_correction``, ``means`` (calibration input means) correct the biases of
+    SVD entries, whitened or not."""
     by_name = {site.name: site for site in sites}
     groups: dict[type, tuple] = {}
     if grams is None and any(e.method == "wsvd" for e in plan.entries):
         warn("the plan asks for data-aware SVD (wsvd) but no calibration data was given "
              "(--calib): those sites get plain SVD factors")
+    if means is None and plan.bias_correction:
+        warn("the plan asks for bias correction but no calibration data was given (--calib): "
+             "biases are left as they are")
+    means = means if plan.bias_correction else None
     for entry in plan.factorized():
         site = by_name.get(entry.site)
         if site is None:
             raise LrdeployError(f"plan names site '{entry.site}', which this model does not have "
                                 "as a factorizable site")
-        rule = rule_for(entry.method, site, plan.tucker_sweeps, grams)
+        rule = rule_for(entry.method, site, plan.tucker_sweeps, grams, means)
         if rule is None:
             raise LrdeployError(f"plan: method '{entry.method}' does not apply to site "
                                 f"'{entry.site}' ({site.op} {list(site.weight.shape)})")

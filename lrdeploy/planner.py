@@ -6,7 +6,8 @@ measured check of the chosen plan.
 2. Error model: a candidate's *site* error is the relative squared output error of that site on
    the calibration activations (exact from the spectra: the tail of the whitened spectrum for
    data-aware SVD, ``sum_{i>r} s_i^2 u_i^T X^T X u_i`` for plain SVD; the weight error when no
-   data is given). Candidates another candidate of the same site beats in both cost and site
+   data is given; the bias correction by the calibration means, which can only lower it, is
+   left out). Candidates another candidate of the same site beats in both cost and site
    error are dropped (the search would never keep them). For up to ``PROBES`` of the kept ones
    the *model* error is measured: the squared relative model-output error on the calibration
    inputs with only that site changed; the others are interpolated linearly in site error
@@ -20,16 +21,18 @@ measured check of the chosen plan.
    predicted latency (or parameters) within the budget. The chosen plan is applied and measured
    on the device (side by side with the dense model, scaled to the dense model's reference
    time), aiming ``NOISE_MARGIN`` under the budget; a plan that fits is timed twice and the
-   slower timing counts, and its model error is measured; of the plans that fit, the one with
-   the least measured model error is kept. While it misses, the budget the search sees is
-   tightened by the miss, and while it leaves much slack, loosened (at most ``MAX_ATTEMPTS``
-   measured plans).
+   slower timing counts, and its model error is measured, also with the SVD sites' biases
+   corrected by the calibration means (same latency; see ``passes.base``), the better of the
+   two kept; of the plans that fit, the one with the least measured model error is kept.
+   While it misses, the budget the search sees is tightened by the miss, and while it leaves
+   much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans).
    A measured budget is refused only once the cheapest plan has been measured over it: the
    predicted least (rest plus the cheapest chains) mixes timings taken at other moments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -47,7 +50,7 @@ from lrdeploy.latency import LatencyModel, RooflineLatency
 from lrdeploy.methods import DENSE, rule_for
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
 from lrdeploy.search import Choice, Frontier, Option
-from lrdeploy.sites import Site, model_params
+from lrdeploy.sites import Site, following_bias, model_params
 from lrdeploy.targets.devices import Device
 from lrdeploy.tensorize import StepCost, TTLayout, choose_shape, measured_step_cost
 from lrdeploy.verify import compare_outputs, reference_outputs
@@ -268,7 +271,8 @@ class Planner:
         self._errors_for = kind
 
     def apply(self, plan: Plan) -> ir.Model:
-        return apply_plan(self.analysis.model, plan, self.analysis.sites, self.analysis.grams)
+        return apply_plan(self.analysis.model, plan, self.analysis.sites, self.analysis.grams,
+                          self.analysis.means)
 
     def model_error(self, model: ir.Model, feeds: Sequence[runtime.Feeds] | None = None
                     ) -> tuple[float, float]:
@@ -293,7 +297,8 @@ class Planner:
             for candidate in options.candidates:
                 chain = site_model
                 if candidate.method != DENSE:
-                    rule = rule_for(candidate.method, options.site, grams=self.analysis.grams)
+                    rule = rule_for(candidate.method, options.site, grams=self.analysis.grams,
+                                    means=self.analysis.means)
                     chain = rule(site_model, {options.site.name: candidate.rule_ranks()})
                 models.append(chain)
                 where.append(candidate)
@@ -400,8 +405,10 @@ class Planner:
             if measured <= aim:
                 # Of the plans that fit, the real model decides: the predicted error assumes
                 # the sites' errors add up, which the measured one does not need.
-                trial = _Trial(predicted, measured, plan, model, choice, self.model_error(model))
+                trial = self._corrected_if_better(
+                    _Trial(predicted, measured, plan, model, choice, self.model_error(model)))
                 attempt["measured_relative_error"] = trial.fidelity[0]
+                attempt["bias_correction"] = trial.plan.bias_correction
                 if met is None or trial.fidelity[0] < met.fidelity[0]:
                     met = trial
             elif missed is None or predicted < missed.predicted:
@@ -446,6 +453,20 @@ class Planner:
             chains_measured=self.latency.measured, chains_cached=self.latency.reused,
             notes=notes,
         )
+
+    def _corrected_if_better(self, trial: _Trial) -> _Trial:
+        """The fit, or the same plan with its SVD biases corrected by the calibration means
+        where that measures closer to the dense model: the correction lowers every site's
+        error on the calibration activations, not always the model's. Its operators and
+        shapes are the fit's, so its latency is too."""
+        if not self.analysis.means:
+            return trial
+        plan = dataclasses.replace(trial.plan, bias_correction=True)
+        model = self.apply(plan)
+        fidelity = self.model_error(model)
+        if fidelity[0] < trial.fidelity[0]:
+            return trial._replace(plan=plan, model=model, fidelity=fidelity)
+        return trial
 
     def _unreachable(self, budget: float, unit: str, least: float, how: str) -> LrdeployError:
         engine = self.latency.label if unit == "ms" else "parameters"
@@ -560,29 +581,39 @@ def _rank_tuples(grids: list[list[int]], full: Sequence[int]) -> list[tuple[int,
 
 
 def standalone(model: ir.Model, site: Site) -> ir.Model:
-    """A one-node model holding just ``site``'s operator, its weights and its input shape: the
-    unit the latency model times (and the factorization passes rewrite into a chain)."""
+    """A model holding just ``site``'s operator (and the Add of its bias, where one follows),
+    its weights and its input shape: the unit the latency model times (and the factorization
+    passes rewrite into a chain)."""
     node = next(n for n in model.graph if n.name == site.name)
-    inputs: list[ir.Value | None] = []
     graph_inputs, initializers = [], []
-    for value in node.inputs:
-        if value is None:
-            inputs.append(None)
-        elif value.const_value is not None:
+
+    def copy_inputs(of: ir.Node, activation: ir.Value | None) -> list[ir.Value | None]:
+        inputs: list[ir.Value | None] = []
+        for value in of.inputs:
+            if value is None or value.const_value is None:
+                inputs.append(activation if value is not None else None)
+                continue
             copy = ir.Value(name=value.name, shape=value.shape, type=value.type,
                             const_value=value.const_value)
             initializers.append(copy)
             inputs.append(copy)
-        else:
-            copy = ir.Value(name="x", shape=ir.Shape(site.input_shape), type=value.type)
-            graph_inputs.append(copy)
-            inputs.append(copy)
-    clone = ir.Node(node.domain, node.op_type, inputs, name=node.name,
-                    attributes=[ir.Attr(a.name, a.type, a.value)
-                                for a in node.attributes.values()])
-    output = clone.outputs[0]
+        return inputs
+
+    def clone(of: ir.Node, activation: ir.Value) -> ir.Node:
+        return ir.Node(of.domain, of.op_type, copy_inputs(of, activation), name=of.name,
+                       attributes=[ir.Attr(a.name, a.type, a.value)
+                                   for a in of.attributes.values()])
+
+    x = ir.Value(name="x", shape=ir.Shape(site.input_shape),
+                 type=next(v for v in node.inputs if v.const_value is None).type)
+    graph_inputs.append(x)
+    nodes = [clone(node, x)]
+    after = following_bias(node, site.weight.shape[1]) if site.bias_follows else None
+    if after is not None:
+        nodes.append(clone(after[0], nodes[0].outputs[0]))
+    output = nodes[-1].outputs[0]
     output.name, output.type = "y", node.outputs[0].type
-    graph = ir.Graph(graph_inputs, [output], nodes=[clone], initializers=initializers,
+    graph = ir.Graph(graph_inputs, [output], nodes=nodes, initializers=initializers,
                      opset_imports=dict(model.opset_imports), name="site")
     alone = ir.Model(graph, ir_version=model.ir_version)
     # A saved model needs its output's shape (TVM's importer and the checker read it).

@@ -30,6 +30,7 @@ class Site:
     side: str  # "right", "left" or "conv"
     weight: np.ndarray
     bias_params: int = 0
+    bias_follows: bool = False  # a constant row vector is added right after (MatMul + Add)
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
     strides: tuple[int, ...] = (1, 1)
@@ -106,6 +107,23 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None or value.is_graph_input():
         return None
     return value.const_value.numpy()
+
+
+def following_bias(node: ir.Node, width: int) -> tuple[ir.Node, int] | None:
+    """The Add that alone consumes ``node``'s output and adds a constant row vector of ``width``
+    values to it (the bias of a linear layer traced as MatMul + Add), and the constant's input
+    index."""
+    output = node.outputs[0]
+    uses = list(output.uses())
+    if len(uses) != 1 or output.is_graph_output():
+        return None
+    user, index = uses[0]
+    if user.op_type != "Add":
+        return None
+    bias = constant_array(user.inputs[1 - index])
+    if bias is None or bias.ndim == 0 or bias.size != width or bias.shape[-1] != width:
+        return None
+    return user, 1 - index
 
 
 def find_sites(
@@ -202,6 +220,8 @@ def classify(node: ir.Node, shapes: Mapping[str, tuple[int, ...]]) -> Site | Ski
     if weight.ndim != 2:
         return skip(f"constant operand is {weight.ndim}-D, not a matrix")
     side = "right" if weight_index == 1 else "left"
+    bias_follows = op == "MatMul" and side == "right" and \
+        following_bias(node, weight.shape[1]) is not None
     if op == "Gemm":
         if _int_attr(node, "transA", 0) or side == "left":
             return skip("Gemm with a transposed or constant first operand")
@@ -213,6 +233,7 @@ def classify(node: ir.Node, shapes: Mapping[str, tuple[int, ...]]) -> Site | Ski
         side=side,
         weight=np.ascontiguousarray(weight),
         bias_params=bias_params,
+        bias_follows=bias_follows,
         input_shape=input_shape,
         output_shape=output_shape,
     )

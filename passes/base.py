@@ -65,11 +65,44 @@ class Factorization:
 
 class MatrixFactorization(Factorization):
     """A rule whose site is one matrix split in two factors (SVD of a matrix or a 1x1 conv);
-    ``factors`` is where data-aware variants choose the factors differently."""
+    ``factors`` is where data-aware variants choose the factors differently.
+
+    Bias correction (with ``means``, by site name: the mean ``mu`` of the site's input features
+    on calibration data). Written as ``y = x @ W + b`` with factors ``W ~= L R``, the output
+    error at an input x is ``x @ E`` with ``E = W - L R``; its mean ``delta = mu @ E`` is a
+    constant, and is added to the bias:
+
+        y ~= x @ L @ R + (b + delta)
+        ||X E - 1 delta||_F^2 = ||(X - 1 mu) E||_F^2 = ||X E||_F^2 - n ||delta||^2
+
+    so the site's output error on the calibration data never grows, for any factors. Only
+    sites with a bias get it (a Gemm's C, a conv's bias, the Add after a MatMul), so the chain's
+    operators and shapes, hence its latency, are those of the uncorrected one. Inputs after a
+    ReLU or a LayerNorm have means far from zero, which plain SVD ignores: at half rank the
+    correction removes about a fifth (MiniLM-L6) and a third (MobileNetV2) of the sites'
+    squared output error. The *model's* error need not follow (on MiniLM-L6 it grows), so the
+    planner measures a plan both ways. Nagel et al. [1] correct quantized weights the same way.
+
+    References
+    ----------
+    .. [1] M. Nagel, M. van Baalen, T. Blankevoort, M. Welling, "Data-Free Quantization Through
+       Weight Equalization and Bias Correction", ICCV 2019.
+    """
+
+    def __init__(self, means: Mapping[str, np.ndarray] | None = None) -> None:
+        self.means = dict(means or {})
 
     def factors(self, site: Site, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``matrix ~= left @ right`` with ``rank`` columns in ``left``."""
         return svd_factors(matrix, rank)
+
+    def corrects_bias(self, site: Site) -> bool:
+        return site.name in self.means and bool(site.bias_params or site.bias_follows)
+
+    def output_shift(self, site: Site, error: np.ndarray) -> np.ndarray | None:
+        """``delta = mu @ error`` for the weight error oriented as in ``y = x @ W`` (input
+        features on its rows); None where the site's bias is not corrected."""
+        return self.means[site.name] @ error if self.corrects_bias(site) else None
 
 
 # Nodes of a factorized chain are named SITE/TAG_INDEX (e.g. ".../query/MatMul/svd_0"), so a
@@ -100,6 +133,11 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, like: ir.Valu
                      const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def shifted_bias(graph: ir.Graph, name: str, bias: ir.Value, shift: np.ndarray) -> ir.Value:
+    """A new initializer ``bias + shift`` (the constant ``bias`` may be shared)."""
+    return add_initializer(graph, name, bias.const_value.numpy() + shift, bias)
 
 
 def replace_node(graph: ir.Graph, node: ir.Node, chain: Sequence[ir.Node]) -> None:

@@ -7,6 +7,8 @@ A 1x1 conv is the matrix ``W[C_out, C_in]`` applied at every pixel. With ``W ~= 
 
 Stride and padding go on the first conv: zero-padded pixels map to zero through V (it has no
 bias), so the border still receives exactly ``b``. FLOPs are 2 H_out W_out r (C_in + C_out).
+With calibration means the mean output error is added to ``b`` (``MatrixFactorization``),
+except for a padded conv, whose border would receive it too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lrdeploy.passes.base import (
     chain_node_names,
     conv_node,
     replace_node,
+    shifted_bias,
 )
 from lrdeploy.sites import Site
 
@@ -35,6 +38,10 @@ class SVDConv1x1(MatrixFactorization):
 
     def unfoldings(self, site: Site) -> list[np.ndarray]:
         return [site.weight[:, :, 0, 0]]
+
+    def corrects_bias(self, site: Site) -> bool:
+        padded = any(site.pads) or site.auto_pad not in ("NOTSET", "VALID")
+        return super().corrects_bias(site) and not padded
 
     def cost(self, site: Site, ranks: Sequence[int]) -> Cost:
         (rank,) = ranks
@@ -55,5 +62,8 @@ class SVDConv1x1(MatrixFactorization):
         first = conv_node(names[0], node.inputs[0], reduce, None, (1, 1),
                           site.strides, site.pads, auto_pad=site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
+        shift = self.output_shift(site, (site.weight[:, :, 0, 0] - u @ v).T)
+        if shift is not None:
+            bias = shifted_bias(graph, f"{site.name}/svd_b", bias, shift)
         second = conv_node(names[1], first.outputs[0], expand, bias, (1, 1))
         replace_node(graph, node, [first, second])

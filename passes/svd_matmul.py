@@ -10,6 +10,8 @@ folding (ONNX optimisers, TVM) cannot rebuild the dense W. For Gemm,
 ``y = alpha * x @ W + beta * C`` becomes ``MatMul(x, U)`` then ``Gemm(., V, C, alpha, beta)``.
 A constant left operand, ``y = W @ x``, becomes ``U @ (V @ x)``.
 It pays off only when ``r (K + N) < K N`` (the break-even rank), for FLOPs and parameters alike.
+With calibration means the mean output error is added to the bias (``MatrixFactorization``):
+a Gemm's C, or the constant of the ``Add`` that follows a MatMul as a linear layer's bias.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from lrdeploy.passes.base import (
     add_initializer,
     chain_node_names,
     replace_node,
+    shifted_bias,
 )
-from lrdeploy.sites import Site
+from lrdeploy.sites import Site, following_bias
 
 
 class SVDMatMul(MatrixFactorization):
@@ -55,18 +58,22 @@ class SVDMatMul(MatrixFactorization):
         if site.side == "left":
             first = ir.node("MatMul", [v, node.inputs[1]], name=names[0])
             second = ir.node("MatMul", [u, first.outputs[0]], name=names[1])
+            replace_node(graph, node, [first, second])
+            return
+        first = ir.node("MatMul", [node.inputs[0], u], name=names[0])
+        shift = self.output_shift(site, site.weight - left @ right)
+        if node.op_type == "Gemm":
+            alpha = node.attributes.get_float("alpha", 1.0)
+            beta = node.attributes.get_float("beta", 1.0)
+            bias = list(node.inputs[2:])
+            if shift is not None and beta != 0:
+                bias = [shifted_bias(graph, f"{site.name}/svd_C", bias[0], alpha * shift / beta)]
+            second = ir.node("Gemm", [first.outputs[0], v, *bias],
+                             attributes={"alpha": alpha, "beta": beta}, name=names[1])
         else:
-            first = ir.node("MatMul", [node.inputs[0], u], name=names[0])
-            if node.op_type == "Gemm":
-                second = ir.node(
-                    "Gemm",
-                    [first.outputs[0], v, *node.inputs[2:]],
-                    attributes={
-                        "alpha": node.attributes.get_float("alpha", 1.0),
-                        "beta": node.attributes.get_float("beta", 1.0),
-                    },
-                    name=names[1],
-                )
-            else:
-                second = ir.node("MatMul", [first.outputs[0], v], name=names[1])
+            second = ir.node("MatMul", [first.outputs[0], v], name=names[1])
+            if shift is not None:  # into the Add of the layer's bias
+                add, index = following_bias(node, site.weight.shape[1])
+                add.replace_input_with(index, shifted_bias(graph, f"{site.name}/svd_bias",
+                                                           add.inputs[index], shift))
         replace_node(graph, node, [first, second])

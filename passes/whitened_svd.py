@@ -14,6 +14,8 @@ the rank rules: ``energy:E`` keeps a fraction E of the output energy).
 Matrices (``y = x @ W``: X rows are the vectors x) and 1x1 convolutions (``y = W x`` at every
 pixel: X rows are pixels, W is transposed around the whitening) get the same graph as plain SVD;
 only the factor values change. A site with no calibration statistics gets plain SVD factors.
+The bias is corrected as for plain SVD (``MatrixFactorization``); whitening by the uncentred
+``X^T X`` already keeps the mean direction among the first ones, so the correction is small here.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from lrdeploy.sites import Site
 
 
 class WhitenedSVD(MatrixFactorization):
-    """Mixin over an SVD rule; ``grams`` maps a site name to ``X^T X`` of its input features."""
+    """Mixin over an SVD rule; ``grams`` and ``means`` map a site name to ``X^T X`` and the mean
+    of its input features."""
 
     method = "wsvd"
 
-    def __init__(self, grams: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, grams: Mapping[str, np.ndarray] | None = None,
+                 means: Mapping[str, np.ndarray] | None = None) -> None:
+        super().__init__(means)
         self.grams = dict(grams or {})
 
     def _input_on_rows(self, site: Site) -> bool:
