@@ -312,7 +312,8 @@ def run_task(task: Task, fractions: list[float], threads: int | None) -> list[di
             print(f"{how} at {fraction:.0%}: predicted {outcome.predicted:.3f} ms, measured "
                   f"{outcome.measured:.3f} ms in {len(outcome.attempts)} attempt(s); relative "
                   f"output error predicted {outcome.predicted_error:.4f}, measured "
-                  f"{outcome.measured_error:.4f}", flush=True)
+                  f"{outcome.measured_error:.4f}"
+                  f"{' (biases corrected)' if outcome.plan.bias_correction else ''}", flush=True)
             configs.append({"budget": fraction, "how": how, "model": outcome.model,
                             "plan": outcome.plan})
         print(f"budget {fraction:.0%} planned ({time.time() - started:.0f} s)", flush=True)

@@ -389,6 +389,7 @@ def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
         f"budget {outcome.budget:g} {unit}: dense {outcome.dense:.4g}, predicted "
         f"{outcome.predicted:.4g}, measured{label} {outcome.measured:.4g} "
         f"({len(outcome.attempts)} attempt(s)); relative output error predicted "
-        f"{outcome.predicted_error:.4g}, measured {outcome.measured_error:.4g}, min cosine "
+        f"{outcome.predicted_error:.4g}, measured {outcome.measured_error:.4g}"
+        f"{' with biases corrected' if outcome.plan.bias_correction else ''}, min cosine "
         f"{outcome.cosine:.6f}; chains timed {outcome.chains_measured}, from the cache "
         f"{outcome.chains_cached}")
