@@ -164,7 +164,7 @@ def test_cli_plan_round_trip_and_impossible_budget(mlp, tmp_path, latency_cache)
                    tmp_path / "c.json")
     assert done.returncode == 0, done.stderr
     assert lrdeploy.sites.model_params(lrdeploy.load(out).canonical) == data["measured"]
-    done = run_cli("plan", mlp, "--budget-params", "30%", "--report", report)
+    done = run_cli("plan", mlp, "--budget-params", "30%", "--report", report, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     data = json.loads(report.read_text())
     assert data["measured"] <= 0.3 * data["dense"]
