@@ -297,8 +297,7 @@ class Planner:
             for candidate in options.candidates:
                 chain = site_model
                 if candidate.method != DENSE:
-                    rule = rule_for(candidate.method, options.site, grams=self.analysis.grams,
-                                    means=self.analysis.means)
+                    rule = rule_for(candidate.method, options.site, grams=self.analysis.grams)
                     chain = rule(site_model, {options.site.name: candidate.rule_ranks()})
                 models.append(chain)
                 where.append(candidate)
@@ -585,18 +584,21 @@ def standalone(model: ir.Model, site: Site) -> ir.Model:
     its weights and its input shape: the unit the latency model times (and the factorization
     passes rewrite into a chain)."""
     node = next(n for n in model.graph if n.name == site.name)
-    graph_inputs, initializers = [], []
+    initializers = []
 
-    def copy_inputs(of: ir.Node, activation: ir.Value | None) -> list[ir.Value | None]:
+    def copy_inputs(of: ir.Node, activation: ir.Value) -> list[ir.Value | None]:
+        """``of``'s inputs: constants copied, the one computed input replaced by ``activation``."""
         inputs: list[ir.Value | None] = []
         for value in of.inputs:
-            if value is None or value.const_value is None:
-                inputs.append(activation if value is not None else None)
-                continue
-            copy = ir.Value(name=value.name, shape=value.shape, type=value.type,
-                            const_value=value.const_value)
-            initializers.append(copy)
-            inputs.append(copy)
+            if value is None:
+                inputs.append(None)
+            elif value.const_value is None:
+                inputs.append(activation)
+            else:
+                copy = ir.Value(name=value.name, shape=value.shape, type=value.type,
+                                const_value=value.const_value)
+                initializers.append(copy)
+                inputs.append(copy)
         return inputs
 
     def clone(of: ir.Node, activation: ir.Value) -> ir.Node:
@@ -606,14 +608,13 @@ def standalone(model: ir.Model, site: Site) -> ir.Model:
 
     x = ir.Value(name="x", shape=ir.Shape(site.input_shape),
                  type=next(v for v in node.inputs if v.const_value is None).type)
-    graph_inputs.append(x)
     nodes = [clone(node, x)]
     after = following_bias(node, site.weight.shape[1]) if site.bias_follows else None
     if after is not None:
         nodes.append(clone(after[0], nodes[0].outputs[0]))
     output = nodes[-1].outputs[0]
     output.name, output.type = "y", node.outputs[0].type
-    graph = ir.Graph(graph_inputs, [output], nodes=nodes, initializers=initializers,
+    graph = ir.Graph([x], [output], nodes=nodes, initializers=initializers,
                      opset_imports=dict(model.opset_imports), name="site")
     alone = ir.Model(graph, ir_version=model.ir_version)
     # A saved model needs its output's shape (TVM's importer and the checker read it).
