@@ -62,8 +62,10 @@ class Plan:
             for entry in entries:
                 if entry.method == "tt":
                     entry.rule_ranks()  # a missing or malformed layout fails here
-            return cls(entries, int(data.get("tucker_sweeps", 0)),
-                       bool(data.get("bias_correction", False)))
+            bias_correction = data.get("bias_correction", False)
+            if not isinstance(bias_correction, bool):
+                raise ValueError(f"bias_correction must be true or false, not {bias_correction!r}")
+            return cls(entries, int(data.get("tucker_sweeps", 0)), bias_correction)
         except (KeyError, TypeError, ValueError) as exc:
             raise LrdeployError(f"{source}: malformed plan entry ({exc})") from None
 

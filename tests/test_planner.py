@@ -342,6 +342,8 @@ def test_bias_correction_removes_the_mean_output_error(tmp_path):
     plain = lrdeploy.compress(path, plan=Plan(entries), calib=tmp_path / "calib.npz")
     plan = Plan(entries, bias_correction=True)
     assert Plan.from_dict(plan.to_dict()).bias_correction
+    with pytest.raises(lrdeploy.LrdeployError, match="bias_correction must be true or false"):
+        Plan.from_dict({**plan.to_dict(), "bias_correction": "no"})
     corrected = lrdeploy.compress(path, plan=plan, calib=tmp_path / "calib.npz")
     assert [structure_key(m) for m in (plain.model, corrected.model)] == \
         [structure_key(corrected.model)] * 2
