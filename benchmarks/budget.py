@@ -28,7 +28,9 @@ see benchmarks/requirements.txt):
     MiniLM-L6 (all-MiniLM-L6-v2, seq 128, traced from torch): calibration texts from gensim's
     lee_background.cor at three lengths (passages, sentences, single words); fidelity:
     embedding cosine vs dense, Lee document-similarity Pearson and WordSim-353 Spearman
-    against the human scores.
+    against the human scores, and (wordsim_vs_dense) the Spearman correlation of the WordSim
+    pairs' cosine similarities with the dense model's: how well the dense model's ranking of
+    word similarities is kept, apart from how well it agrees with people.
     MobileNetV2 (ImageNet weights, traced from torch): calibration images from scikit-image's
     photos; fidelity: top-1 agreement and KL(dense || low-rank) on foolbox's 20 ImageNet images.
 """
@@ -101,13 +103,23 @@ def minilm_task(calib_count: int) -> Task:
     dense = {"docs": _session_outputs(loaded.canonical, documents),
              "words": _session_outputs(loaded.canonical, word_feeds)}
 
+    pairs = [index[w] for w in first], [index[w] for w in second]
+
+    def pair_cosines(vectors: np.ndarray) -> np.ndarray:
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        return np.sum(unit[pairs[0]] * unit[pairs[1]], axis=1)
+
     def fidelity(model: ir.Model) -> dict[str, float]:
+        from scipy.stats import spearmanr
+
         docs = _session_outputs(model, documents)
         vectors = _session_outputs(model, word_feeds)
         cosine = np.mean([_cosine(a, b) for a, b in zip(docs, dense["docs"], strict=True)])
         return {"cosine": float(cosine), "lee_pearson": m.lee_pearson(docs),
                 "wordsim_spearman": m.wordsim_spearman(
-                    lambda ws: vectors[[index[w] for w in ws]])}
+                    lambda ws: vectors[[index[w] for w in ws]]),
+                "wordsim_vs_dense": float(spearmanr(pair_cosines(vectors),
+                                                    pair_cosines(dense["words"])).statistic)}
 
     return Task("MiniLM-L6 (seq 128)", analysis, calib, fidelity, "lee_pearson")
 
