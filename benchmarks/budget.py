@@ -100,26 +100,21 @@ def minilm_task(calib_count: int) -> Task:
     word_feeds = feeds_of(words)
     index = {w: i for i, w in enumerate(words)}
     analysis = analyze_model(loaded.canonical, probe_feed=calib[0])
-    dense = {"docs": _session_outputs(loaded.canonical, documents),
-             "words": _session_outputs(loaded.canonical, word_feeds)}
-
-    pairs = [index[w] for w in first], [index[w] for w in second]
-
-    def pair_cosines(vectors: np.ndarray) -> np.ndarray:
-        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        return np.sum(unit[pairs[0]] * unit[pairs[1]], axis=1)
+    dense_docs = _session_outputs(loaded.canonical, documents)
+    dense_words = _session_outputs(loaded.canonical, word_feeds)
+    dense_pairs = m.wordsim_cosines(lambda ws: dense_words[[index[w] for w in ws]])
 
     def fidelity(model: ir.Model) -> dict[str, float]:
         from scipy.stats import spearmanr
 
         docs = _session_outputs(model, documents)
         vectors = _session_outputs(model, word_feeds)
-        cosine = np.mean([_cosine(a, b) for a, b in zip(docs, dense["docs"], strict=True)])
+        pairs = m.wordsim_cosines(lambda ws: vectors[[index[w] for w in ws]])
+        cosine = np.mean([_cosine(a, b) for a, b in zip(docs, dense_docs, strict=True)])
         return {"cosine": float(cosine), "lee_pearson": m.lee_pearson(docs),
                 "wordsim_spearman": m.wordsim_spearman(
                     lambda ws: vectors[[index[w] for w in ws]]),
-                "wordsim_vs_dense": float(spearmanr(pair_cosines(vectors),
-                                                    pair_cosines(dense["words"])).statistic)}
+                "wordsim_vs_dense": float(spearmanr(pairs, dense_pairs).statistic)}
 
     return Task("MiniLM-L6 (seq 128)", analysis, calib, fidelity, "lee_pearson")
 

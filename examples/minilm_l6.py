@@ -259,22 +259,26 @@ def wordsim_pairs() -> tuple[list[str], list[str], np.ndarray]:
     return first, second, np.array(scores)
 
 
-def wordsim_spearman(embed: Callable[[list[str]], np.ndarray]) -> float:
-    """Spearman correlation of embedding cosine similarity with WordSim-353's human scores.
+def wordsim_cosines(embed: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """The embedding cosine similarity of each WordSim-353 pair, in :func:`wordsim_pairs` order.
 
     ``embed`` maps a list of texts to an (N, dim) array; each word is embedded once, as a
-    one-word sentence, and the cosine similarity of each pair is rank-correlated
-    (``scipy.stats.spearmanr``) with the human score.
+    one-word sentence (the words are passed sorted, each once).
     """
-    from scipy.stats import spearmanr
-
-    first, second, scores = wordsim_pairs()
+    first, second, _ = wordsim_pairs()
     words = sorted(set(first) | set(second))
     vectors = embed(words)
     vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     index = {word: i for i, word in enumerate(words)}
-    cosine = np.sum(vectors[[index[w] for w in first]] * vectors[[index[w] for w in second]], 1)
-    return float(spearmanr(cosine, scores).statistic)
+    return np.sum(vectors[[index[w] for w in first]] * vectors[[index[w] for w in second]], 1)
+
+
+def wordsim_spearman(embed: Callable[[list[str]], np.ndarray]) -> float:
+    """Spearman correlation of embedding cosine similarity with WordSim-353's human scores:
+    :func:`wordsim_cosines` rank-correlated (``scipy.stats.spearmanr``) with the human score."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(wordsim_cosines(embed), wordsim_pairs()[2]).statistic)
 
 
 def main() -> None:
