@@ -27,7 +27,8 @@ measured check of the chosen plan.
    While it misses, the budget the search sees is tightened by the miss, and while it leaves
    much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans).
    A measured budget is refused only once the cheapest plan has been measured over it: the
-   predicted least (rest plus the cheapest chains) mixes timings taken at other moments.
+   predicted least (rest plus the cheapest chains) mixes timings taken at other moments. The
+   cheapest plan's timing is the median of three (one timing decides nothing alone).
 """
 
 from __future__ import annotations
@@ -394,12 +395,19 @@ class Planner:
             self.progress(f"measuring the plan (attempt {len(attempts) + 1})")
             measured = (self._measure(model, reference) if kind == "ms"
                         else float(model_params(model)))
-            if measured_kind and measured <= aim:
+            cheapest = target <= least
+            if measured_kind and cheapest:
+                # The cheapest plan decides whether the budget is refused, so one timing
+                # does not: one timing of MobileNetV2's cheapest plan on this shared host
+                # read 0.63 of the dense model, where repeated timings read 0.55.
+                measured = statistics.median(
+                    [measured, *(self._measure(model, reference) for _ in range(2))])
+            elif measured_kind and measured <= aim:
                 # A fit is timed again and the slower timing counts: of several plans timed
                 # near the budget, the one that fits is often the one timed luckily.
                 measured = max(measured, self._measure(model, reference))
             attempt = {"search_budget": target, "predicted": predicted,
-                       "measured": measured, "picks": choice.picks}
+                       "measured": measured, "cheapest": cheapest, "picks": choice.picks}
             attempts.append(attempt)
             if measured <= aim:
                 # Of the plans that fit, the real model decides: the predicted error assumes
@@ -422,8 +430,7 @@ class Planner:
         # The first attempt is always measured, so one of the two is set.
         kept = met or missed
         predicted, measured, plan, model, choice = kept[:5]
-        if measured > budget * (1 + tolerance) and any(a["search_budget"] <= least
-                                                       for a in attempts):
+        if measured > budget * (1 + tolerance) and any(a["cheapest"] for a in attempts):
             # The cheapest plan was measured, and missed.
             raise self._unreachable(budget, unit, min(a["measured"] for a in attempts),
                                     f" as measured (predicted {least:.4g})")

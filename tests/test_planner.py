@@ -148,6 +148,43 @@ def test_budget_is_met_on_host_and_the_latency_cache_is_reused(mlp, tmp_path, la
     assert list(latency_cache.glob("latency/host-onnxruntime.json"))
 
 
+class BurstyLatency(OnnxruntimeLatency):
+    """Chains are timed for real; a plan's side-by-side timings read as scripted fractions of
+    the dense model, as a load burst on a shared host makes them: the planner's decisions on
+    noisy timings cannot be checked on timings that happen to be quiet."""
+
+    def __init__(self, device, ratios):
+        super().__init__(device)
+        self.ratios = list(ratios)
+
+    def pair_ms(self, model, reference, feed):
+        return self.ratios.pop(0), 1.0
+
+
+@pytest.mark.parametrize(("ratios", "refused"), [((1.3, 0.95, 0.97), False),
+                                                  ((1.3, 1.2, 0.9), True)])
+def test_one_slow_timing_of_the_cheapest_plan_does_not_refuse_the_budget(
+        mlp, latency_cache, ratios, refused):
+    device = get_device("host")
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    feeds = [runtime.random_inputs(analysis.model, analysis.specs, 0)]
+    latency = BurstyLatency(device, [])
+    planner = Planner(analysis, device, latency, feeds)
+    planner.measure_latency()
+    reference = planner.dense_model_ms
+    least = planner.rest("ms") + planner.frontier("ms").least_cost
+    fraction = least / reference  # aiming under it, the first plan measured is the cheapest
+    latency.ratios = [r * fraction for r in ratios]
+    if refused:  # the median of its three timings, 1.2x the budget, decides
+        with pytest.raises(lrdeploy.LrdeployError, match="least reachable .* as measured"):
+            planner.solve("ms", fraction, relative=True)
+        assert not latency.ratios
+        return
+    outcome = planner.solve("ms", fraction, relative=True)
+    assert outcome.attempts[0]["cheapest"] and len(outcome.attempts) == 1
+    assert outcome.measured == pytest.approx(0.97 * outcome.budget)
+
+
 def test_cli_plan_round_trip_and_impossible_budget(mlp, tmp_path, latency_cache):
     plan_path, report = tmp_path / "mlp.plan.json", tmp_path / "report.json"
     done = run_cli("plan", mlp, "--budget-params", "400000", "-o", plan_path,
