@@ -275,7 +275,8 @@ def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float
 
 # -- the run -----------------------------------------------------------------------------------
 
-def run_task(task: Task, fractions: list[float], threads: int | None) -> list[dict]:
+def run_task(task: Task, fractions: list[float], threads: int | None, error_feeds: int
+             ) -> list[dict]:
     device = get_device("host")
     feed = task.calib[0]
     started = time.time()
@@ -291,11 +292,12 @@ def run_task(task: Task, fractions: list[float], threads: int | None) -> list[di
         model_ms, reference_ms = latency.pair_ms(model, plain.model, feed)
         return model_ms / reference_ms * dense_ms
 
+    probe = task.calib[:error_feeds]
     planners = {
-        "planner svd": Planner(aware, device, latency, task.calib[:16], data_aware=False,
-                               error_feeds=16),
-        "planner wsvd": Planner(aware, device, latency, task.calib[:16], data_aware=True,
-                                error_feeds=16),
+        "planner svd": Planner(aware, device, latency, probe, data_aware=False,
+                               error_feeds=len(probe)),
+        "planner wsvd": Planner(aware, device, latency, probe, data_aware=True,
+                                error_feeds=len(probe)),
     }
     print(f"candidates and sensitivities ready ({time.time() - started:.0f} s)", flush=True)
     configs: list[dict] = [{"budget": None, "how": "dense ONNX", "model": plain.model}]
@@ -383,6 +385,10 @@ def main() -> None:
                         choices=["minilm", "mobilenet"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6])
     parser.add_argument("--calib", type=int, default=32, help="calibration samples")
+    parser.add_argument("--error-feeds", type=int, default=32,
+                        help="calibration samples the planners measure model errors on (the "
+                             "first ones; default 32, all): more make the measured errors "
+                             "steadier and the planning slower")
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime threads for every timing (0: its default). On a "
                              "2-core shared VM two 2-thread timings of one model differ by 5%% "
@@ -390,7 +396,8 @@ def main() -> None:
     args = parser.parse_args()
     tasks = {"minilm": minilm_task, "mobilenet": mobilenet_task}
     for name in args.models:
-        rows = run_task(tasks[name](args.calib), args.budgets, args.threads or None)
+        rows = run_task(tasks[name](args.calib), args.budgets, args.threads or None,
+                        args.error_feeds)
         print_rows(rows)
 
 

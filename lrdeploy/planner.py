@@ -26,6 +26,7 @@ measured check of the chosen plan.
    two kept; of the plans that fit, the one with the least measured model error is kept.
    While it misses, the budget the search sees is tightened by the miss, and while it leaves
    much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans).
+   A plan is accepted only when measured within the budget (not merely near it).
    A measured budget is refused only once the cheapest plan has been measured over it: the
    predicted least (rest plus the cheapest chains) mixes timings taken at other moments. The
    cheapest plan's timing is the median of three (one timing decides nothing alone).
@@ -347,8 +348,7 @@ class Planner:
 
     # -- the search with its measured check -----------------------------------------------------
 
-    def solve(self, kind: str, budget: float, tolerance: float = 0.05,
-              relative: bool = False) -> PlanOutcome:
+    def solve(self, kind: str, budget: float, relative: bool = False) -> PlanOutcome:
         """The least-error plan whose measured cost meets ``budget``; see the module doc.
 
         ``relative``: the budget is a fraction of the dense model's cost. Every plan is timed
@@ -430,11 +430,11 @@ class Planner:
         # The first attempt is always measured, so one of the two is set.
         kept = met or missed
         predicted, measured, plan, model, choice = kept[:5]
-        if measured > budget * (1 + tolerance) and any(a["cheapest"] for a in attempts):
+        if measured > budget and any(a["cheapest"] for a in attempts):
             # The cheapest plan was measured, and missed.
             raise self._unreachable(budget, unit, min(a["measured"] for a in attempts),
                                     f" as measured (predicted {least:.4g})")
-        if measured > budget * (1 + tolerance):
+        if measured > budget:
             raise LrdeployError(
                 f"budget {budget:g} {unit} missed after {len(attempts)} attempt(s): the best "
                 f"plan measured {measured:.4g} {unit} on {self.device.name} (predicted "

@@ -132,7 +132,7 @@ def test_budget_is_met_on_host_and_the_latency_cache_is_reused(mlp, tmp_path, la
     outcome = planner.solve("ms", 0.7, relative=True)  # 70% of the dense model's latency
     budget = outcome.budget
     assert budget == pytest.approx(0.7 * reference, rel=1e-9)
-    assert outcome.measured <= 1.05 * budget
+    assert outcome.measured <= budget
     assert outcome.plan.factorized()
     # Of the plans that fit, the one whose real model error is least is kept.
     fits = [a["measured_relative_error"] for a in outcome.attempts
@@ -162,7 +162,8 @@ class BurstyLatency(OnnxruntimeLatency):
 
 
 @pytest.mark.parametrize(("ratios", "refused"), [((1.3, 0.95, 0.97), False),
-                                                  ((1.3, 1.2, 0.9), True)])
+                                                  ((1.3, 1.2, 0.9), True),
+                                                  ((1.3, 1.02, 1.03), True)])
 def test_one_slow_timing_of_the_cheapest_plan_does_not_refuse_the_budget(
         mlp, latency_cache, ratios, refused):
     device = get_device("host")
@@ -175,7 +176,7 @@ def test_one_slow_timing_of_the_cheapest_plan_does_not_refuse_the_budget(
     least = planner.rest("ms") + planner.frontier("ms").least_cost
     fraction = least / reference  # aiming under it, the first plan measured is the cheapest
     latency.ratios = [r * fraction for r in ratios]
-    if refused:  # the median of its three timings, 1.2x the budget, decides
+    if refused:  # the median of its three timings decides; near the budget is not within it
         with pytest.raises(lrdeploy.LrdeployError, match="least reachable .* as measured"):
             planner.solve("ms", fraction, relative=True)
         assert not latency.ratios
