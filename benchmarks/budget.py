@@ -124,10 +124,12 @@ def minilm_calibration_texts(count: int) -> list[str]:
     from the evaluation data): of every four, two passages of five sentences (most of the 128
     positions hold text, as in a Lee document), one sentence, and one word of a sentence (a
     short query, as WordSim's). The first four already hold every kind, so the planner's few
-    error feeds see them all."""
+    error feeds see them all. A word is a content word of its sentence (not one of the
+    corpus's 200 most frequent), as a query is."""
     import minilm_l6 as m
 
     sentences = iter(m.calibration_sentences(3 * count + 12, seed=0))
+    common = m.common_words(200)
     rng = random.Random(0)
     texts = []
     for index in range(count):
@@ -137,7 +139,11 @@ def minilm_calibration_texts(count: int) -> list[str]:
         elif kind == 1:
             texts.append(next(sentences))
         else:
-            texts.append(rng.choice(re.findall(r"[A-Za-z]{4,}", next(sentences))).lower())
+            words = []
+            while not words:
+                words = [w.lower() for w in re.findall(r"[A-Za-z]{4,}", next(sentences))
+                         if w.lower() not in common]
+            texts.append(rng.choice(words))
     return texts
 
 

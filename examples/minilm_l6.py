@@ -21,6 +21,7 @@ the test data that ``gensim`` ships (its files are read, gensim itself is never 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import importlib.metadata
 import random
@@ -209,6 +210,13 @@ def calibration_sentences(count: int, seed: int = 0) -> list[str]:
     if count > len(sentences):
         raise ValueError(f"asked for {count} sentences, the corpus has {len(sentences)}")
     return random.Random(seed).sample(sentences, count)
+
+
+def common_words(count: int) -> set[str]:
+    """The ``count`` most frequent words (lower case, letters only) of the Lee background
+    corpus: its function words ("that", "with", "from", ...), which no one queries alone."""
+    text = _gensim_data("lee_background.cor").read_text(encoding="latin-1").lower()
+    return {word for word, _ in collections.Counter(re.findall(r"[a-z]+", text)).most_common(count)}
 
 
 def lee_documents() -> list[str]:
