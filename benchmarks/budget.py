@@ -141,8 +141,8 @@ def minilm_calibration_texts(count: int) -> list[str]:
         else:
             words = []
             while not words:
-                words = [w.lower() for w in re.findall(r"[A-Za-z]{4,}", next(sentences))
-                         if w.lower() not in common]
+                words = [w for w in re.findall(r"[a-z]{4,}", next(sentences).lower())
+                         if w not in common]
             texts.append(rng.choice(words))
     return texts
 
