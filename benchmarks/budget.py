@@ -400,6 +400,8 @@ def main() -> None:
                              "2-core shared VM two 2-thread timings of one model differ by 5%% "
                              "and more, 1-thread ones far less")
     args = parser.parse_args()
+    if args.error_feeds < 1 or args.calib < 1:
+        parser.error("--calib and --error-feeds must be at least 1")
     tasks = {"minilm": minilm_task, "mobilenet": mobilenet_task}
     for name in args.models:
         rows = run_task(tasks[name](args.calib), args.budgets, args.threads or None,
