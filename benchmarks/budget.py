@@ -33,6 +33,12 @@ see benchmarks/requirements.txt):
     word similarities is kept, apart from how well it agrees with people.
     MobileNetV2 (ImageNet weights, traced from torch): calibration images from scikit-image's
     photos; fidelity: top-1 agreement and KL(dense || low-rank) on foolbox's 20 ImageNet images.
+
+After MiniLM's table, each planner row is set against each baseline row of its budget on the
+two WordSim columns: the difference and its standard deviation over paired bootstrap
+resamplings of the 353 pairs. A WordSim difference of 0.02 between two plans is within what
+353 pairs can resolve (the standard deviation is about 0.025), so the table says which
+differences the data can tell apart.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -66,6 +73,8 @@ from lrdeploy.sites import model_params  # noqa: E402
 from lrdeploy.targets.devices import get_device  # noqa: E402
 
 BISECTION_STEPS = 7
+BOOTSTRAP_DRAWS = 1000
+RANKED_ITEMS = "ranked_items"  # a row's key for its Fidelity.ranked_items
 
 
 @dataclasses.dataclass
@@ -73,8 +82,17 @@ class Task:
     name: str
     analysis: ModelAnalysis
     calib: list[runtime.Feeds]
-    fidelity: Callable[[ir.Model], dict[str, float]]
+    fidelity: Callable[[ir.Model], Fidelity]
     headline: str  # the fidelity column the table sorts attention on
+
+
+class Fidelity(NamedTuple):
+    """A row's fidelity columns, and for the columns that are a rank correlation over items
+    (WordSim's 353 pairs), each item's value and the reference it is ranked against: what
+    ``bootstrap_differences`` resamples to say how far apart two rows really are."""
+
+    metrics: dict[str, float]
+    ranked_items: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _session_outputs(model: ir.Model, feeds: list[runtime.Feeds]) -> np.ndarray:
@@ -104,17 +122,21 @@ def minilm_task(calib_count: int) -> Task:
     dense_words = _session_outputs(loaded.canonical, word_feeds)
     dense_pairs = m.wordsim_cosines(lambda ws: dense_words[[index[w] for w in ws]])
 
-    def fidelity(model: ir.Model) -> dict[str, float]:
+    human = m.wordsim_pairs()[2]
+
+    def fidelity(model: ir.Model) -> Fidelity:
         from scipy.stats import spearmanr
 
         docs = _session_outputs(model, documents)
         vectors = _session_outputs(model, word_feeds)
         pairs = m.wordsim_cosines(lambda ws: vectors[[index[w] for w in ws]])
         cosine = np.mean([_cosine(a, b) for a, b in zip(docs, dense_docs, strict=True)])
-        return {"cosine": float(cosine), "lee_pearson": m.lee_pearson(docs),
-                "wordsim_spearman": m.wordsim_spearman(
-                    lambda ws: vectors[[index[w] for w in ws]]),
-                "wordsim_vs_dense": float(spearmanr(pairs, dense_pairs).statistic)}
+        # wordsim_spearman is m.wordsim_spearman, from the pair cosines already at hand
+        return Fidelity({"cosine": float(cosine), "lee_pearson": m.lee_pearson(docs),
+                         "wordsim_spearman": float(spearmanr(pairs, human).statistic),
+                         "wordsim_vs_dense": float(spearmanr(pairs, dense_pairs).statistic)},
+                        {"wordsim_spearman": (pairs, human),
+                         "wordsim_vs_dense": (pairs, dense_pairs)})
 
     return Task("MiniLM-L6 (seq 128)", analysis, calib, fidelity, "lee_pearson")
 
@@ -158,12 +180,13 @@ def mobilenet_task(calib_count: int) -> Task:
     analysis = analyze_model(loaded.canonical, probe_feed=calib[0])
     dense = _session_outputs(loaded.canonical, evaluation)
 
-    def fidelity(model: ir.Model) -> dict[str, float]:
+    def fidelity(model: ir.Model) -> Fidelity:
         logits = _session_outputs(model, evaluation)
         p, q = _softmax(dense), _softmax(logits)
         kl = np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1))
-        return {"top1_agreement": float(np.mean(dense.argmax(1) == logits.argmax(1))),
-                "kl": float(kl), "top1_accuracy": float(np.mean(logits.argmax(1) == labels))}
+        return Fidelity({"top1_agreement": float(np.mean(dense.argmax(1) == logits.argmax(1))),
+                         "kl": float(kl),
+                         "top1_accuracy": float(np.mean(logits.argmax(1) == labels))})
 
     return Task("MobileNetV2 (224)", analysis, calib, fidelity, "top1_agreement")
 
@@ -359,9 +382,11 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
             rows.append(row)
             continue
         ratio = ratios.get(id(config), 1.0)
+        fidelity = task.fidelity(config["model"])
         row.update(ms=ratio * dense_ms, vs_dense=ratio,
                    vs_budget=ratio / config["budget"] if config["budget"] else None,
-                   params=model_params(config["model"]), **task.fidelity(config["model"]))
+                   params=model_params(config["model"]), **fidelity.metrics)
+        row[RANKED_ITEMS] = fidelity.ranked_items
         rows.append(row)
     print(f"{task.name} done in {time.time() - started:.0f} s", flush=True)
     return rows
@@ -369,7 +394,7 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
 
 def print_rows(rows: list[dict]) -> None:
     metrics = [k for k in rows[0] if k not in ("model", "budget", "how", "ms", "vs_dense",
-                                              "vs_budget", "params")]
+                                              "vs_budget", "params", RANKED_ITEMS)]
     header = f"{'budget':>7} {'configuration':<28} {'ms':>8} {'vs dense':>8} {'vs budget':>9} " \
         f"{'params':>11} " + " ".join(f"{m:>16}" for m in metrics)
     print("(vs dense: timed beside the dense model; vs budget = vs dense / budget fraction; "
@@ -383,6 +408,51 @@ def print_rows(rows: list[dict]) -> None:
         ratio = f"{row['vs_budget']:.3f}" if row["vs_budget"] else "-"
         print(f"{budget:>7} {row['how']:<28} {row['ms']:8.3f} {row['vs_dense']:8.3f} {ratio:>9} "
               f"{row['params']:>11,} " + " ".join(f"{row[m]:16.4f}" for m in metrics))
+
+
+def bootstrap_differences(first: tuple[np.ndarray, np.ndarray],
+                          second: tuple[np.ndarray, np.ndarray], draws: int = BOOTSTRAP_DRAWS,
+                          seed: int = 0) -> tuple[float, float]:
+    """The difference of two rows' Spearman correlations over the same items (first - second)
+    and its standard deviation over ``draws`` resamplings of the items with replacement, the
+    same resampled items for both rows (a paired bootstrap)."""
+    from scipy.stats import spearmanr
+
+    def statistic(items: tuple[np.ndarray, np.ndarray], chosen: np.ndarray) -> float:
+        return float(spearmanr(items[0][chosen], items[1][chosen]).statistic)
+
+    count = len(first[0])
+    everything = np.arange(count)
+    rng = np.random.default_rng(seed)
+    spread = [statistic(first, chosen) - statistic(second, chosen)
+              for chosen in (rng.integers(0, count, count) for _ in range(draws))]
+    return statistic(first, everything) - statistic(second, everything), float(np.std(spread))
+
+
+def print_differences(rows: list[dict]) -> None:
+    """Each planner row against each baseline row of its budget, on the columns that are rank
+    correlations over items: the difference and its paired-bootstrap standard deviation, so a
+    reader can tell a difference the data can resolve from one they cannot."""
+    metrics = [m for m in (rows[0].get(RANKED_ITEMS) or {})]
+    if not metrics:
+        return
+    items = len(next(iter(rows[0][RANKED_ITEMS].values()))[0])
+    print(f"\nplanner - baseline on {', '.join(metrics)} (± the standard deviation over "
+          f"{BOOTSTRAP_DRAWS} paired bootstrap resamplings of the {items} items)")
+    for row in rows:
+        if row["budget"] is None or not row["how"].startswith("planner") or "ms" not in row:
+            continue
+        for baseline in rows:
+            if (baseline["budget"] != row["budget"] or "ms" not in baseline
+                    or baseline["how"].startswith("planner")):
+                continue
+            cells = []
+            for metric in metrics:
+                difference, spread = bootstrap_differences(row[RANKED_ITEMS][metric],
+                                                           baseline[RANKED_ITEMS][metric])
+                cells.append(f"{metric} {difference:+.4f} ± {spread:.4f}")
+            print(f"{row['budget']:>7.0%} {row['how']:<13} vs {baseline['how']:<22} "
+                  + "   ".join(cells))
 
 
 def main() -> None:
@@ -407,6 +477,7 @@ def main() -> None:
         rows = run_task(tasks[name](args.calib), args.budgets, args.threads or None,
                         args.error_feeds)
         print_rows(rows)
+        print_differences(rows)
 
 
 if __name__ == "__main__":
