@@ -36,9 +36,9 @@ see benchmarks/requirements.txt):
 
 After MiniLM's table, each planner row is set against each baseline row of its budget on the
 two WordSim columns: the difference and its standard deviation over paired bootstrap
-resamplings of the 353 pairs. A WordSim difference of 0.02 between two plans is within what
-353 pairs can resolve (the standard deviation is about 0.025), so the table says which
-differences the data can tell apart.
+resamplings of the 353 pairs. The standard deviation is 0.01 to 0.03 (a WordSim difference
+of 0.02 between two plans may be within it), so the block says which differences the data can
+tell apart.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class Task:
 class Fidelity(NamedTuple):
     """A row's fidelity columns, and for the columns that are a rank correlation over items
     (WordSim's 353 pairs), each item's value and the reference it is ranked against: what
-    ``bootstrap_differences`` resamples to say how far apart two rows really are."""
+    ``bootstrap_spread`` resamples to say how far apart two rows really are."""
 
     metrics: dict[str, float]
     ranked_items: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -113,7 +113,7 @@ def minilm_task(calib_count: int) -> Task:
 
     calib = feeds_of(minilm_calibration_texts(calib_count))
     documents = feeds_of(m.lee_documents())
-    first, second, _ = m.wordsim_pairs()
+    first, second, human = m.wordsim_pairs()
     words = sorted(set(first) | set(second))
     word_feeds = feeds_of(words)
     index = {w: i for i, w in enumerate(words)}
@@ -121,8 +121,6 @@ def minilm_task(calib_count: int) -> Task:
     dense_docs = _session_outputs(loaded.canonical, documents)
     dense_words = _session_outputs(loaded.canonical, word_feeds)
     dense_pairs = m.wordsim_cosines(lambda ws: dense_words[[index[w] for w in ws]])
-
-    human = m.wordsim_pairs()[2]
 
     def fidelity(model: ir.Model) -> Fidelity:
         from scipy.stats import spearmanr
@@ -410,11 +408,11 @@ def print_rows(rows: list[dict]) -> None:
               f"{row['params']:>11,} " + " ".join(f"{row[m]:16.4f}" for m in metrics))
 
 
-def bootstrap_differences(first: tuple[np.ndarray, np.ndarray],
-                          second: tuple[np.ndarray, np.ndarray], draws: int = BOOTSTRAP_DRAWS,
-                          seed: int = 0) -> tuple[float, float]:
-    """The difference of two rows' Spearman correlations over the same items (first - second)
-    and its standard deviation over ``draws`` resamplings of the items with replacement, the
+def bootstrap_spread(first: tuple[np.ndarray, np.ndarray],
+                     second: tuple[np.ndarray, np.ndarray], draws: int = BOOTSTRAP_DRAWS,
+                     seed: int = 0) -> float:
+    """The standard deviation of the difference of two rows' Spearman correlations over the
+    same items (first - second), over ``draws`` resamplings of the items with replacement, the
     same resampled items for both rows (a paired bootstrap)."""
     from scipy.stats import spearmanr
 
@@ -422,18 +420,16 @@ def bootstrap_differences(first: tuple[np.ndarray, np.ndarray],
         return float(spearmanr(items[0][chosen], items[1][chosen]).statistic)
 
     count = len(first[0])
-    everything = np.arange(count)
     rng = np.random.default_rng(seed)
-    spread = [statistic(first, chosen) - statistic(second, chosen)
-              for chosen in (rng.integers(0, count, count) for _ in range(draws))]
-    return statistic(first, everything) - statistic(second, everything), float(np.std(spread))
+    return float(np.std([statistic(first, chosen) - statistic(second, chosen)
+                         for chosen in (rng.integers(0, count, count) for _ in range(draws))]))
 
 
 def print_differences(rows: list[dict]) -> None:
     """Each planner row against each baseline row of its budget, on the columns that are rank
     correlations over items: the difference and its paired-bootstrap standard deviation, so a
     reader can tell a difference the data can resolve from one they cannot."""
-    metrics = [m for m in (rows[0].get(RANKED_ITEMS) or {})]
+    metrics = list(rows[0].get(RANKED_ITEMS, {}))
     if not metrics:
         return
     items = len(next(iter(rows[0][RANKED_ITEMS].values()))[0])
@@ -448,9 +444,9 @@ def print_differences(rows: list[dict]) -> None:
                 continue
             cells = []
             for metric in metrics:
-                difference, spread = bootstrap_differences(row[RANKED_ITEMS][metric],
-                                                           baseline[RANKED_ITEMS][metric])
-                cells.append(f"{metric} {difference:+.4f} ± {spread:.4f}")
+                spread = bootstrap_spread(row[RANKED_ITEMS][metric],
+                                          baseline[RANKED_ITEMS][metric])
+                cells.append(f"{metric} {row[metric] - baseline[metric]:+.4f} ± {spread:.4f}")
             print(f"{row['budget']:>7.0%} {row['how']:<13} vs {baseline['how']:<22} "
                   + "   ".join(cells))
 
