@@ -267,6 +267,32 @@ def wordsim_pairs() -> tuple[list[str], list[str], np.ndarray]:
     return first, second, np.array(scores)
 
 
+def dictionary_words(count: int, exclude: set[str], seed: int = 0) -> list[str]:
+    """``count`` words (sampled, seeded, returned sorted) from the vocabularies of gensim's
+    SimLex-999 and word-analogy (``questions-words.txt``) test files that the tokenizer keeps
+    whole (one token between [CLS] and [SEP], as nearly all of WordSim's words are) and that
+    are not in ``exclude`` (compared lower-cased).
+
+    Dictionary words (common nouns, verbs, adjectives, countries, capitals), unlike the news
+    vocabulary of Lee's corpus; their pairwise similarities show how a model keeps the
+    structure of single-word embeddings on many more pairs than WordSim's 353.
+    """
+    words = set()
+    for line in _gensim_data("simlex999.txt").read_text(encoding="latin-1").splitlines():
+        if line.strip() and not line.startswith("#"):
+            words.update(line.split("\t")[:2])
+    for line in _gensim_data("questions-words.txt").read_text(encoding="latin-1").splitlines():
+        if not line.startswith(":"):
+            words.update(line.split())
+    excluded = {w.lower() for w in exclude}
+    words = sorted({w.lower() for w in words} - excluded)
+    _, mask = tokenize(words, 8)
+    whole = [w for w, tokens in zip(words, mask.sum(1), strict=True) if tokens == 3]
+    if count > len(whole):
+        raise ValueError(f"asked for {count} dictionary words, there are {len(whole)}")
+    return sorted(random.Random(seed).sample(whole, count))
+
+
 def wordsim_cosines(embed: Callable[[list[str]], np.ndarray]) -> np.ndarray:
     """The embedding cosine similarity of each WordSim-353 pair, in :func:`wordsim_pairs` order.
 
