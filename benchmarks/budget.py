@@ -97,7 +97,7 @@ class Fidelity(NamedTuple):
     ``bootstrap_spread`` resamples to say how far apart two rows really are."""
 
     metrics: dict[str, float]
-    ranked_items: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    ranked_items: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def _session_outputs(model: ir.Model, feeds: list[runtime.Feeds]) -> np.ndarray:
@@ -194,7 +194,7 @@ def mobilenet_task(calib_count: int) -> Task:
         kl = np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1))
         return Fidelity({"top1_agreement": float(np.mean(dense.argmax(1) == logits.argmax(1))),
                          "kl": float(kl),
-                         "top1_accuracy": float(np.mean(logits.argmax(1) == labels))})
+                         "top1_accuracy": float(np.mean(logits.argmax(1) == labels))}, {})
 
     return Task("MobileNetV2 (224)", analysis, calib, fidelity, "top1_agreement")
 
