@@ -299,7 +299,11 @@ class Planner:
             for candidate in options.candidates:
                 chain = site_model
                 if candidate.method != DENSE:
-                    rule = rule_for(candidate.method, options.site, grams=self.analysis.grams)
+                    # A chain's time depends on its operators and shapes, not its values (the
+                    # latency cache keys on those alone): without the calibration statistics a
+                    # whitened SVD rule builds the same graph from plain SVD factors, sparing
+                    # every candidate its whitening.
+                    rule = rule_for(candidate.method, options.site)
                     chain = rule(site_model, {options.site.name: candidate.rule_ranks()})
                 models.append(chain)
                 where.append(candidate)
