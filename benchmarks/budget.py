@@ -127,7 +127,7 @@ def minilm_task(calib_count: int) -> Task:
     dense_docs = _session_outputs(loaded.canonical, documents)
     dense_words = _session_outputs(loaded.canonical, word_feeds)
     dense_pairs = m.wordsim_cosines(lambda ws: dense_words[[index[w] for w in ws]])
-    dense_dictionary = _pair_cosines(_session_outputs(loaded.canonical, dictionary_feeds))
+    dense_dictionary = m.pair_cosines(_session_outputs(loaded.canonical, dictionary_feeds))
 
     def fidelity(model: ir.Model) -> Fidelity:
         from scipy.stats import spearmanr
@@ -136,7 +136,7 @@ def minilm_task(calib_count: int) -> Task:
         vectors = _session_outputs(model, word_feeds)
         pairs = m.wordsim_cosines(lambda ws: vectors[[index[w] for w in ws]])
         cosine = np.mean([_cosine(a, b) for a, b in zip(docs, dense_docs, strict=True)])
-        dictionary = _pair_cosines(_session_outputs(model, dictionary_feeds))
+        dictionary = m.pair_cosines(_session_outputs(model, dictionary_feeds))
         # wordsim_spearman is m.wordsim_spearman, from the pair cosines already at hand
         return Fidelity({"cosine": float(cosine), "lee_pearson": m.lee_pearson(docs),
                          "wordsim_spearman": float(spearmanr(pairs, human).statistic),
@@ -228,12 +228,6 @@ def _torch(*arrays):
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _pair_cosines(vectors: np.ndarray) -> np.ndarray:
-    """The cosine similarity of every pair of rows (i < j)."""
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (unit @ unit.T)[np.triu_indices(len(unit), 1)]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

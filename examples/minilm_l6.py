@@ -245,9 +245,14 @@ def lee_pearson(embeddings: np.ndarray) -> float:
     human = lee_human_similarity()
     if len(embeddings) != len(human):
         raise ValueError(f"expected {len(human)} document embeddings, got {len(embeddings)}")
-    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    upper = np.triu_indices(len(human), 1)
-    return float(np.corrcoef((unit @ unit.T)[upper], human[upper])[0, 1])
+    return float(np.corrcoef(pair_cosines(embeddings),
+                             human[np.triu_indices(len(human), 1)])[0, 1])
+
+
+def pair_cosines(vectors: np.ndarray) -> np.ndarray:
+    """The cosine similarity of every pair of rows (i < j), in ``np.triu_indices`` order."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (unit @ unit.T)[np.triu_indices(len(unit), 1)]
 
 
 def wordsim_pairs() -> tuple[list[str], list[str], np.ndarray]:
