@@ -17,9 +17,14 @@ fidelity on held-out data:
     uniform energy  one energy:E for every site (MNN-style), E bisected on measured latency
     greedy MACs     per-layer ranks by a greedy error-per-MAC rule (AIMET-style), the MAC
                     target bisected on measured latency
-    planner svd     lrdeploy's planner, plain SVD factors (errors measured, and biases
-                    corrected by the input means, on calibration data)
-    planner wsvd    lrdeploy's planner, data-aware (whitened) SVD factors, biases corrected
+    planner svd     lrdeploy's planner, plain SVD factors (biases corrected by the input
+                    means of calibration data)
+    planner wsvd    lrdeploy's planner, data-aware: whitened or plain SVD factors at each site,
+                    whichever errs less, biases corrected
+
+Both planners fit their statistics on the first three quarters of the calibration samples and
+measure every error on the last quarter (``lrdeploy.calibration.split_calibration``), as
+``lrdeploy plan --calib`` does.
 
 Baselines use plain SVD on the weights (data-free). At the tightest budget, the data-aware
 plan's ranks are also given plain SVD factors, with and without the bias correction, to
@@ -67,7 +72,7 @@ sys.path.insert(0, str(REPO / "examples"))
 import lrdeploy  # noqa: E402
 from lrdeploy import runtime  # noqa: E402
 from lrdeploy.analysis import ModelAnalysis, analyze_model  # noqa: E402
-from lrdeploy.calibration import site_statistics  # noqa: E402
+from lrdeploy.calibration import site_statistics, split_calibration  # noqa: E402
 from lrdeploy.latency import OnnxruntimeLatency  # noqa: E402
 from lrdeploy.methods import DENSE  # noqa: E402
 from lrdeploy.plan import Plan, PlanEntry, apply_plan, make_plan  # noqa: E402
@@ -153,8 +158,8 @@ def minilm_calibration_texts(count: int) -> list[str]:
     """Calibration texts at the lengths the model is used at, from Lee's background corpus (not
     from the evaluation data): of every four, two passages of five sentences (most of the 128
     positions hold text, as in a Lee document), one sentence, and one word of a sentence (a
-    short query, as WordSim's). The first four already hold every kind, so the planner's few
-    error feeds see them all. A word is a content word of its sentence (not one of the
+    short query, as WordSim's). Every four hold every kind, so the held-out last quarter
+    (the planner's error feeds) sees them all. A word is a content word of its sentence (not one of the
     corpus's 200 most frequent), as a query is."""
     import minilm_l6 as m
 
@@ -320,7 +325,8 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
     print(f"\n== {task.name}: {len(task.analysis.sites)} sites", flush=True)
     plain = task.analysis
     aware = dataclasses.replace(plain, _spectra={})
-    aware.grams, aware.means = site_statistics(plain.model, plain.sites, task.calib)
+    split = split_calibration(task.calib)
+    aware.grams, aware.means = site_statistics(plain.model, plain.sites, split.fit)
     latency = OnnxruntimeLatency(device, threads=threads)
     dense_ms = latency.side_by_side_ms([plain.model], feed)[0]
     print(f"dense onnxruntime {dense_ms:.3f} ms", flush=True)
@@ -329,7 +335,7 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
         model_ms, reference_ms = latency.pair_ms(model, plain.model, feed)
         return model_ms / reference_ms * dense_ms
 
-    probe = task.calib[:error_feeds]
+    probe = split.held_out[:error_feeds]
     planners = {
         "planner svd": Planner(aware, device, latency, probe, data_aware=False,
                                error_feeds=len(probe)),
@@ -468,9 +474,10 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6])
     parser.add_argument("--calib", type=int, default=32, help="calibration samples")
     parser.add_argument("--error-feeds", type=int, default=32,
-                        help="calibration samples the planners measure model errors on (the "
-                             "first ones; default 32, all): more make the measured errors "
-                             "steadier and the planning slower")
+                        help="held-out calibration samples the planners measure model errors "
+                             "on (at most the last quarter of --calib, which the statistics are "
+                             "not fitted on; default 32: all of them): more make the measured "
+                             "errors steadier and the planning slower")
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime threads for every timing (0: its default). On a "
                              "2-core shared VM two 2-thread timings of one model differ by 5%% "

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from lrdeploy import frontend, runtime
 from lrdeploy.analysis import ModelAnalysis, analyze_model
-from lrdeploy.calibration import site_statistics
+from lrdeploy.calibration import site_statistics, split_calibration
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.fileio import same_file, write_json
 from lrdeploy.plan import Plan, apply_plan, make_plan
@@ -153,7 +153,8 @@ def compress(
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
     if output is not None:
         _check_output_path(Path(output), loaded.input_path, report, save_plan)
-    analysis, calib_feeds = _calibrated_analysis(loaded, input_shapes, calib, seed, progress)
+    analysis, calib_feeds, feed_source = _calibrated_analysis(loaded, input_shapes, calib, seed,
+                                                              progress)
     if isinstance(plan, str | os.PathLike):
         plan_source = f"plan {plan}"
         plan = Plan.load(plan)
@@ -170,7 +171,6 @@ def compress(
     check_onnx(compressed)
     if calib_feeds is not None:
         feeds = calib_feeds
-        feed_source = f"{len(feeds)} feed(s) from {calib}"
     else:
         feeds = [runtime.random_inputs(loaded.original, analysis.specs, seed + i)
                  for i in range(samples)]
@@ -198,21 +198,29 @@ def compress(
 
 
 def _calibrated_analysis(loaded: Loaded, input_shapes, calib, seed: int, progress: Progress
-                         ) -> tuple[ModelAnalysis, list[runtime.Feeds] | None]:
-    """The analysis (shapes probed on the first calibration feed, if any) and the calibration
-    feeds; with them the analysis carries each site's input statistics (data-aware SVD)."""
+                         ) -> tuple[ModelAnalysis, list[runtime.Feeds] | None, str]:
+    """The analysis (shapes probed on the first calibration feed, if any), the calibration
+    feeds that errors are measured on, and a line saying which they are. With calibration data
+    the analysis carries each site's input statistics (data-aware SVD), fitted on the other
+    feeds (``split_calibration``)."""
     onnx_shapes = input_shapes if loaded.input_path else None
-    calib_feeds = None
-    if calib is not None:
-        calib_feeds = runtime.load_calibration(
-            calib, runtime.input_specs(loaded.canonical, onnx_shapes))
-    analysis = analyze_model(loaded.canonical, onnx_shapes, seed,
-                             calib_feeds[0] if calib_feeds else None)
-    if calib_feeds is not None:
-        progress("collecting calibration statistics")
-        analysis.grams, analysis.means = site_statistics(loaded.canonical, analysis.sites,
-                                                         calib_feeds, progress)
-    return analysis, calib_feeds
+    if calib is None:
+        return analyze_model(loaded.canonical, onnx_shapes, seed), None, ""
+    calib_feeds = runtime.load_calibration(
+        calib, runtime.input_specs(loaded.canonical, onnx_shapes))
+    analysis = analyze_model(loaded.canonical, onnx_shapes, seed, calib_feeds[0])
+    split = split_calibration(calib_feeds)
+    if not split.disjoint:
+        warn(f"{calib}: one calibration sample both fits the statistics and measures the "
+             "errors, which then look better than on other data: give several samples")
+        source = f"the one feed of {calib} (it also fitted the calibration statistics)"
+    else:
+        source = (f"the last {len(split.held_out)} feed(s) of {calib}, held out of the "
+                  f"calibration statistics (fitted on the other {len(split.fit)})")
+    progress("collecting calibration statistics")
+    analysis.grams, analysis.means = site_statistics(loaded.canonical, analysis.sites,
+                                                     split.fit, progress)
+    return analysis, split.held_out, source
 
 
 def _check_output_path(output: Path, input_path: Path | None, *others) -> None:
@@ -296,7 +304,7 @@ def plan_for_budget(
     """Search the plan that meets ``budget`` with the least predicted error, check it on the
     device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
-    analysis, calib_feeds = _calibrated_analysis(loaded, input_shapes, calib, seed, progress)
+    analysis, calib_feeds, _ = _calibrated_analysis(loaded, input_shapes, calib, seed, progress)
     outcome = _search(analysis, budget, calib_feeds, samples, seed, progress)
     if output is not None:
         write_json(output, outcome.plan.to_dict())

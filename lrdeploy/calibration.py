@@ -3,6 +3,10 @@ entering each site.
 
 Activations are captured with onnxruntime (the site inputs are exposed as extra outputs) one
 feed at a time and accumulated in float64, so memory stays at one feed's activations.
+
+Whitened factors fit the samples they were computed from: on MobileNetV2, 16 photos' statistics
+gave a plan 0.15 relative output error on those photos and 0.85 on 16 others. So errors are
+measured on samples held out of the statistics (``split_calibration``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,33 @@ class SiteStatistics(NamedTuple):
 
     grams: dict[str, np.ndarray]
     means: dict[str, np.ndarray]
+
+
+HELD_OUT_FRACTION = 4  # one calibration sample in this many is held out of the statistics
+
+
+class CalibrationSplit(NamedTuple):
+    """Calibration feeds split into those the statistics are fitted on and those errors are
+    measured on."""
+
+    fit: list[runtime.Feeds]
+    held_out: list[runtime.Feeds]
+
+    @property
+    def disjoint(self) -> bool:
+        return self.fit is not self.held_out
+
+
+def split_calibration(feeds: Sequence[runtime.Feeds]) -> CalibrationSplit:
+    """The last quarter of ``feeds`` (at least one) held out of the statistics, the rest to fit
+    them; a single feed does both (its errors are then measured on the data they were fitted
+    to). The last ones, not a sample of them: feeds that belong together, such as a photo and
+    its mirror image, are usually given next to each other."""
+    feeds = list(feeds)
+    if len(feeds) < 2:
+        return CalibrationSplit(feeds, feeds)
+    held = max(1, len(feeds) // HELD_OUT_FRACTION)
+    return CalibrationSplit(feeds[:-held], feeds[-held:])
 
 
 def site_statistics(

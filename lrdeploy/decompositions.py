@@ -101,14 +101,23 @@ def whitened_svd_factors(
     return left, root[:, None] * vt[:rank]
 
 
-def svd_output_errors(matrix: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Squared output errors of plain truncated SVD on data with ``gram = X^T X``.
+def svd_output_errors(matrix: np.ndarray, gram: np.ndarray, fit_gram: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """Squared output errors of truncated SVD on data with ``gram = X^T X``.
 
-    Entry r is ``||X (W - W_r)||_F^2`` for the rank-r Eckart-Young truncation ``W_r``
-    (r = 0 .. min(m, n)): with ``W = U S V^T``, ``X (W - W_r) = sum_{i>r} s_i (X u_i) v_i^T``
-    and the v_i are orthonormal, so the error is ``sum_{i>r} s_i^2 u_i^T gram u_i``.
+    Entry r is ``||X (W - W_r)||_F^2`` for the rank-r truncation ``W_r`` (r = 0 .. min(m, n)):
+    plain (Eckart-Young) without ``fit_gram``, else the whitened truncation fitted to other data
+    with ``fit_gram`` (``whitened_svd_factors``). With ``R W = U S V^T`` (``R = I`` for plain
+    SVD, else ``whitening(fit_gram)``), ``X (W - W_r) = sum_{i>r} s_i (X R^{-1} u_i) v_i^T`` and
+    the v_i are orthonormal, so the error is ``sum_{i>r} s_i^2 u_i^T R^{-T} gram R^{-1} u_i``.
+    Errors measured on ``gram`` of held-out data show what whitened factors lose on data they
+    were not fitted to (the tail of their own spectrum is the error on the fitting data only).
     """
-    u, s, _ = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    matrix = np.asarray(matrix, dtype=np.float64)
+    whiten = None if fit_gram is None else whitening(fit_gram)
+    u, s, _ = np.linalg.svd(matrix if whiten is None else whiten @ matrix, full_matrices=False)
+    if whiten is not None:
+        u = solve_triangular(whiten, u, lower=False)
     return tail_sums(s**2 * np.einsum("ij,jk,ki->i", u.T, np.asarray(gram, dtype=np.float64), u))
 
 

@@ -3,17 +3,20 @@ measured check of the chosen plan.
 
 1. Candidates: for every site, dense plus each applicable method over a rank grid aligned to
    the device's SIMD width, seeded by the spectral hints (energy ranks, effective rank).
-2. Error model: a candidate's *site* error is the relative squared output error of that site on
-   the calibration activations (exact from the spectra: the tail of the whitened spectrum for
-   data-aware SVD, ``sum_{i>r} s_i^2 u_i^T X^T X u_i`` for plain SVD; the weight error when no
-   data is given; the bias correction by the calibration means, which can only lower it, is
-   left out). Candidates another candidate of the same site beats in both cost and site
-   error are dropped (the search would never keep them). For up to ``PROBES`` of the kept ones
-   the *model* error is measured: the squared relative model-output error on the calibration
-   inputs with only that site changed; the others are interpolated linearly in site error
-   between those measurements (activations such as ReLU6 make the response far from
-   proportional). Predicted model error: ``e^2 = sum_s e_s^2`` (additivity, checked on the
-   real model at the end).
+2. Error model: every error is measured on the planner's feeds, which should be calibration
+   samples held out of the statistics the factors are fitted to (``split_calibration``):
+   whitened factors fit their own samples far better than others. A candidate's *site* error
+   is the relative squared output error of that site on the feeds' activations (exact from
+   the factors' spectra, ``decompositions.svd_output_errors``, for plain and for whitened SVD;
+   the weight error when no data is given; the bias correction by the calibration means,
+   which can only lower it, is left out). A data-aware planner offers plain and whitened SVD
+   factors at every rank and keeps whichever errs less there. Candidates another candidate of
+   the same site beats in both cost and site error are dropped (the search would never keep
+   them). For up to ``PROBES`` of the kept ones the *model* error is measured: the squared
+   relative model-output error on the feeds with only that site changed; the others are
+   interpolated linearly in site error between those measurements (activations such as ReLU6
+   make the response far from proportional). Predicted model error: ``e^2 = sum_s e_s^2``
+   (additivity, checked on the real model at the end).
 3. Latency model: every candidate chain (and each site's dense operator) timed on the device
    (``lrdeploy.latency``, cached per device), plus the untouched rest of the model measured
    once: ``rest = max(0, T(dense model) - sum_s T(dense site s))``.
@@ -46,6 +49,7 @@ import onnx_ir as ir
 
 from lrdeploy import runtime
 from lrdeploy.analysis import ModelAnalysis
+from lrdeploy.calibration import site_statistics
 from lrdeploy.decompositions import svd_output_errors, tail_sums, tt_matrix, tt_matrix_dense
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.latency import LatencyModel, RooflineLatency
@@ -174,6 +178,9 @@ class Planner:
         # ``data_aware`` chooses whether the factors themselves are whitened.
         self.data_aware = data_aware and analysis.grams is not None
         self._tt_costs: dict[int, StepCost] = {}
+        # The feeds' own X^T X (not shrunk: it measures, it fits nothing) for the site errors.
+        self.error_grams = None if analysis.grams is None else site_statistics(
+            analysis.model, analysis.sites, self.feeds, progress, shrink=False).grams
         self.options = [SiteOptions(site, self._candidates(site, methods))
                         for site in analysis.sites]
         self.options = [o for o in self.options if len(o.candidates) > 1]
@@ -186,10 +193,11 @@ class Planner:
 
     def _candidates(self, site: Site, methods: Sequence[str]) -> list[Candidate]:
         out = [Candidate(DENSE, (), site.params, 0.0)]
-        for method in methods:
+        menu = [m for method in methods for m in (
+            ("svd", "wsvd") if method == "svd" and self.data_aware else (method,))]
+        for method in menu:
             if method == "tt":
                 continue  # below: its ranks come with a shape, not from one spectrum
-            method = "wsvd" if method == "svd" and self.data_aware else method
             spectra = self.analysis.spectra(site, method)
             if spectra is None:
                 continue
@@ -213,7 +221,7 @@ class Planner:
         ``tensorize.choose_shape`` picks on the device's roofline (an estimate: scoring every
         shape's steps by measurement would take minutes per site); the chosen chain is then
         measured like every other candidate."""
-        gram = (self.analysis.grams or {}).get(site.name)
+        gram = (self.error_grams or {}).get(site.name)
         rows, cols = site.weight.shape
         out = []
         for fraction in TT_PARAM_FRACTIONS:
@@ -236,13 +244,14 @@ class Planner:
         return self._tt_costs[batch]
 
     def _site_errors(self, site: Site, method: str, spectra: list[np.ndarray]) -> list[np.ndarray]:
-        """Per unfolding, the relative squared error at each rank (index r = rank r)."""
-        grams = self.analysis.grams
-        if method == "svd" and grams is not None and site.name in grams:
-            rule = rule_for(method, site)
-            matrix = rule.unfoldings(site)[0]
+        """Per unfolding, the relative squared error at each rank (index r = rank r) on the
+        planner's feeds."""
+        grams = self.error_grams
+        if method in ("svd", "wsvd") and grams is not None and site.name in grams:
+            matrix = rule_for("svd", site).unfoldings(site)[0]
             matrix = matrix if site.side == "right" else matrix.T
-            tails = [svd_output_errors(matrix, grams[site.name])]
+            fit = self.analysis.grams.get(site.name) if method == "wsvd" else None
+            tails = [svd_output_errors(matrix, grams[site.name], fit)]
         else:
             tails = [tail_sums(np.asarray(s, dtype=np.float64) ** 2) for s in spectra]
         return [tail / max(tail[0], 1e-300) for tail in tails]

@@ -15,7 +15,7 @@ from conftest import make_model, run_cli, tensor_value
 from lrdeploy import runtime
 from lrdeploy.analysis import analyze_model
 from lrdeploy.api import Budget, plan_for_budget
-from lrdeploy.calibration import ledoit_wolf, site_statistics
+from lrdeploy.calibration import ledoit_wolf, site_statistics, split_calibration
 from lrdeploy.decompositions import (
     svd_factors,
     svd_output_errors,
@@ -82,6 +82,34 @@ def test_data_aware_factors_have_smaller_output_error_than_plain_svd():
     assert np.allclose(left @ right, u @ v, atol=1e-8)
 
 
+def test_held_out_errors_of_whitened_factors_show_what_the_fit_hides():
+    """Whitened factors fitted to 16 samples of 64 features: at rank 16 they reproduce those
+    samples' outputs exactly (the tail of their own spectrum is nil), not those of other
+    samples of the same data, which ``svd_output_errors(W, held_out_gram, fit_gram)`` gives
+    exactly."""
+    rng = np.random.default_rng(5)
+    data = _anisotropic_data(400, 64, seed=6)
+    fit, held = data[:16], data[16:]
+    weight = rng.standard_normal((64, 40))
+    on_held = svd_output_errors(weight, held.T @ held, fit.T @ fit)
+    on_fit = whitened_singular_values(weight, fit.T @ fit) ** 2
+    for rank in (4, 8, 16):
+        left, right = whitened_svd_factors(weight, fit.T @ fit, rank)
+        measured = np.linalg.norm(held @ (weight - left @ right)) ** 2
+        assert on_held[rank] == pytest.approx(measured, rel=1e-6)
+    assert on_fit[16:].sum() / on_fit.sum() < 1e-6
+    assert on_held[16] / on_held[0] > 0.01
+
+
+def test_calibration_split_holds_out_the_last_quarter():
+    feeds = [{"x": np.full(2, i)} for i in range(10)]
+    split = split_calibration(feeds)
+    assert [f["x"][0] for f in split.held_out] == [8, 9] and len(split.fit) == 8
+    assert split.disjoint
+    one = split_calibration(feeds[:1])
+    assert one.fit == one.held_out == feeds[:1] and not one.disjoint
+
+
 def _mlp(path, rows: int = 256, width: int = 512, hidden: int = 1024, seed: int = 0):
     rng = np.random.default_rng(seed)
 
@@ -114,8 +142,8 @@ def latency_cache(tmp_path, monkeypatch):
 
 
 def _calibration(model_path, tmp_path, count: int = 6):
-    x = np.stack([_anisotropic_data(256, 512, seed=10 + i).astype(np.float32)
-                  for i in range(count)])
+    # Samples of one distribution (one covariance), as a calibration set is.
+    x = _anisotropic_data(256 * count, 512, seed=10).astype(np.float32).reshape(count, 256, 512)
     path = tmp_path / "calib.npz"
     np.savez(path, x=x)
     return path
@@ -223,6 +251,14 @@ def test_data_aware_compress_beats_plain_svd_on_calibration_data(mlp, tmp_path):
     # Both have their biases corrected by the calibration means; the whitened factors still
     # nearly halve the error.
     assert aware.fidelity[0].relative_l2_error < 0.6 * plain_on_calib.fidelity[0].relative_l2_error
+    # The statistics are fitted on 5 of the 6 samples; the last one measures the fidelity.
+    verification = aware.report["verification"]
+    assert verification["feeds"] == 1 and "held out" in verification["feed_source"]
+    x = np.load(calib)["x"]
+    dense_y = runtime.run(runtime.session(lrdeploy.load(mlp).canonical), {"x": x[-1]})["y"]
+    aware_y = runtime.run(runtime.session(aware.model), {"x": x[-1]})["y"]
+    assert aware.fidelity[0].relative_l2_error == pytest.approx(
+        np.linalg.norm(aware_y - dense_y) / np.linalg.norm(dense_y), rel=1e-4)
     assert plain.plan.factorized()[0].method == "svd"
 
 
