@@ -88,8 +88,9 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
     group.add_argument("--calib", metavar="NPZ",
                        help="calibration inputs keyed by input name (a stack of samples "
                             "along a leading axis is fed one by one): they make SVD "
-                            "data-aware (factors whitened by the activations) and verify the "
-                            "result; default: random inputs, plain SVD")
+                            "data-aware (factors whitened by the activations of the first "
+                            "three quarters) and verify the result (on the last quarter); "
+                            "default: random inputs, plain SVD")
     group.add_argument("--samples", type=int, default=2,
                        help="random feeds when there is no --calib (default 2)")
     group.add_argument("--min-fidelity", type=float, metavar="COSINE",
@@ -224,10 +225,12 @@ plan can meet fails with the least reachable latency.""")
     plan.add_argument("--report", metavar="FILE", help="write the JSON report (frontier, sites)")
     plan.add_argument("--plot", metavar="FILE.png", help="plot the Pareto frontier")
     plan.add_argument("--calib", metavar="NPZ",
-                      help="calibration inputs (as for compress): data-aware SVD and errors "
-                           "measured on them; default random inputs and plain SVD")
+                      help="calibration inputs (as for compress): data-aware SVD fitted on the "
+                           "first three quarters, errors measured on the last quarter; default "
+                           "random inputs and plain SVD")
     plan.add_argument("--samples", type=int, default=4,
-                      help="feeds the error model uses (default 4)")
+                      help="feeds the error model uses (default 4; with --calib, at most "
+                           "the held-out last quarter)")
     plan.add_argument("--seed", type=int, default=0, help="seed of random feeds")
     _add_budget_options(plan, target=True, required=True)
 
