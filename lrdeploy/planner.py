@@ -175,7 +175,7 @@ class Planner:
         self.feeds = list(feeds)
         self.progress = progress
         # With calibration statistics, errors are output errors even for plain SVD factors;
-        # ``data_aware`` chooses whether the factors themselves are whitened.
+        # ``data_aware`` offers whitened factors beside the plain ones.
         self.data_aware = data_aware and analysis.grams is not None
         self._tt_costs: dict[int, StepCost] = {}
         # The feeds' own X^T X (not shrunk: it measures, it fits nothing) for the site errors.
