@@ -159,8 +159,8 @@ def minilm_calibration_texts(count: int) -> list[str]:
     from the evaluation data): of every four, two passages of five sentences (most of the 128
     positions hold text, as in a Lee document), one sentence, and one word of a sentence (a
     short query, as WordSim's). Every four hold every kind, so the held-out last quarter
-    (the planner's error feeds) sees them all. A word is a content word of its sentence (not one of the
-    corpus's 200 most frequent), as a query is."""
+    (the planner's error feeds) sees them all. A word is a content word of its sentence (not
+    one of the corpus's 200 most frequent), as a query is."""
     import minilm_l6 as m
 
     sentences = iter(m.calibration_sentences(3 * count + 12, seed=0))
