@@ -118,7 +118,9 @@ def svd_output_errors(matrix: np.ndarray, gram: np.ndarray, fit_gram: np.ndarray
     u, s, _ = np.linalg.svd(matrix if whiten is None else whiten @ matrix, full_matrices=False)
     if whiten is not None:
         u = solve_triangular(whiten, u, lower=False)
-    return tail_sums(s**2 * np.einsum("ij,jk,ki->i", u.T, np.asarray(gram, dtype=np.float64), u))
+    # u_i^T gram u_i for every i at once, through one matrix product (a three-operand einsum
+    # loops unblocked: 0.5 s instead of 0.015 s for a 1536-feature site).
+    return tail_sums(s**2 * np.sum(u * (np.asarray(gram, dtype=np.float64) @ u), axis=0))
 
 
 def tail_sums(energy: np.ndarray) -> np.ndarray:
