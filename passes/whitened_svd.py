@@ -7,9 +7,10 @@ activations X that actually reach the layer. With ``X^T X = R^T R`` (Cholesky, d
     R W ~= P_r S_r Q_r^T          (truncated SVD of the whitened weight)
     U = R^{-1} P_r S_r^{1/2},  V = S_r^{1/2} Q_r^T
 
-so the rank-r factors are optimal for the calibration data, and the squared output error is
-the tail ``sum_{i>r} s_i^2`` of the whitened spectrum (used by the planner's error model and by
-the rank rules: ``energy:E`` keeps a fraction E of the output energy).
+so the rank-r factors are optimal for the calibration data, and the squared output error on
+that data is the tail ``sum_{i>r} s_i^2`` of the whitened spectrum (used by the rank rules:
+``energy:E`` keeps a fraction E of the output energy). On other data it is larger; the planner
+measures it on held-out samples (``decompositions.svd_output_errors`` with ``fit_gram``).
 
 Matrices (``y = x @ W``: X rows are the vectors x) and 1x1 convolutions (``y = W x`` at every
 pixel: X rows are pixels, W is transposed around the whitening) get the same graph as plain SVD;
