@@ -90,7 +90,8 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
                             "along a leading axis is fed one by one): they make SVD "
                             "data-aware (factors whitened by the activations of the first "
                             "three quarters) and verify the result (on the last quarter); "
-                            "default: random inputs, plain SVD")
+                            "positions an attention_mask input marks as padding are left "
+                            "out; default: random inputs, plain SVD")
     group.add_argument("--samples", type=int, default=2,
                        help="random feeds when there is no --calib (default 2)")
     group.add_argument("--min-fidelity", type=float, metavar="COSINE",

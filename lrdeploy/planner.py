@@ -49,7 +49,7 @@ import onnx_ir as ir
 
 from lrdeploy import runtime
 from lrdeploy.analysis import ModelAnalysis
-from lrdeploy.calibration import site_statistics
+from lrdeploy.calibration import padding_mask, site_statistics
 from lrdeploy.decompositions import svd_output_errors, tail_sums, tt_matrix, tt_matrix_dense
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.latency import LatencyModel, RooflineLatency
@@ -294,7 +294,7 @@ class Planner:
         produced = [list(runtime.run(session, feed).values()) for feed in feeds]
         names, reference, unoptimized = self.dense_outputs
         fidelity = compare_outputs(names, reference[: len(feeds)], produced,
-                                   unoptimized[: len(feeds)])
+                                   unoptimized[: len(feeds)], [padding_mask(f) for f in feeds])
         error = math.sqrt(float(np.mean([f.relative_l2_error**2 for f in fidelity])))
         return error, min(f.cosine for f in fidelity)
 

@@ -7,6 +7,11 @@ flattened outputs over all feeds.
 Float32 itself is not exact: the original model run with onnxruntime's graph rewrites off
 differs from the same model with them on. That relative L2 difference is reported as the noise
 floor, so an exact rewrite can be told from a lossy one.
+
+A lossy model is compared only where outputs carry data: per-position outputs (a text model's
+token states) at positions its padding mask marks as padding (``calibration.padding_mask``)
+are left out, as a user of those outputs leaves them out. A compiled artifact is compared with
+onnxruntime everywhere: it should compute the same numbers, padding included.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from lrdeploy import runtime
+from lrdeploy.calibration import padding_mask, per_position
 from lrdeploy.errors import LrdeployError
 
 
@@ -60,20 +66,24 @@ def compare_outputs(
     reference: Sequence[Sequence[np.ndarray]],
     candidate: Sequence[Sequence[np.ndarray]],
     unoptimized: Sequence[Sequence[np.ndarray]],
+    masks: Sequence[np.ndarray | None] | None = None,
 ) -> list[OutputFidelity]:
-    """Fidelity per output over all feeds (each argument: per feed, outputs in ``names`` order)."""
+    """Fidelity per output over all feeds (each argument: per feed, outputs in ``names`` order);
+    with ``masks`` (per feed, its ``padding_mask``), per-position outputs at padded positions
+    are left out."""
+    masks = masks or [None] * len(reference)
     results = []
     for index, name in enumerate(names):
         ref, cand, plain = [], [], []
-        for feed_ref, feed_cand, feed_plain in zip(reference, candidate, unoptimized, strict=True):
+        for feed_ref, feed_cand, feed_plain, mask in zip(reference, candidate, unoptimized,
+                                                         masks, strict=True):
             if len(feed_cand) != len(names):
                 raise LrdeployError(f"expected {len(names)} outputs, got {len(feed_cand)}")
             if feed_ref[index].shape != feed_cand[index].shape:
                 raise LrdeployError(f"output '{name}' changed shape: {feed_ref[index].shape} -> "
                                     f"{feed_cand[index].shape}")
-            ref.append(np.asarray(feed_ref[index], np.float64).ravel())
-            cand.append(np.asarray(feed_cand[index], np.float64).ravel())
-            plain.append(np.asarray(feed_plain[index], np.float64).ravel())
+            for kept, outputs in ((ref, feed_ref), (cand, feed_cand), (plain, feed_plain)):
+                kept.append(_data_positions(np.asarray(outputs[index], np.float64), mask))
         ref_all = np.concatenate(ref)
         measured = _fidelity(name, ref_all, np.concatenate(cand))
         floor = _fidelity(name, ref_all, np.concatenate(plain)).relative_l2_error
@@ -89,7 +99,18 @@ def compare(
     names, reference, unoptimized = reference_outputs(original, feeds)
     candidate_session = runtime.session(candidate)
     produced = [list(runtime.run(candidate_session, feed).values()) for feed in feeds]
-    return compare_outputs(names, reference, produced, unoptimized)
+    return compare_outputs(names, reference, produced, unoptimized,
+                           [padding_mask(feed) for feed in feeds])
+
+
+def _data_positions(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The output's values, flattened, less those at padded positions where it has one entry
+    per position of ``mask``."""
+    if not per_position(output, mask):
+        return output.ravel()
+    if output.shape[:2] == mask.shape:
+        return output[mask].ravel()
+    return output[mask.reshape(-1)].ravel()
 
 
 def _fidelity(name: str, a: np.ndarray, b: np.ndarray) -> OutputFidelity:

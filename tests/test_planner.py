@@ -454,3 +454,30 @@ def test_bias_correction_removes_the_mean_output_error(tmp_path):
     assert outcome.plan.bias_correction and outcome.attempts[0]["bias_correction"]
     uncorrected = dataclasses.replace(outcome.plan, bias_correction=False)
     assert outcome.measured_error < planner.model_error(planner.apply(uncorrected))[0]
+
+
+def test_padding_changes_neither_the_statistics_nor_the_verification(minilm_l3):
+    """A Hugging Face text model fed the same 9 tokens alone and padded to 48: the padded
+    positions (masked by ``attention_mask``) must not enter the calibration statistics nor the
+    comparison of a lossy model's per-token outputs."""
+    tokens = np.array([[101, 7592, 2088, 2003, 1037, 3899, 2005, 6251, 102]], np.int64)
+    alone = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
+    padded = {"input_ids": np.pad(tokens, ((0, 0), (0, 39))),
+              "attention_mask": np.pad(np.ones_like(tokens), ((0, 0), (0, 39)))}
+    loaded = lrdeploy.load(minilm_l3)
+    analysis = analyze_model(loaded.canonical, probe_feed=padded)
+    statistics = [site_statistics(loaded.canonical, analysis.sites, [feed], shrink=False)
+                  for feed in (alone, padded)]
+    assert len(statistics[0].grams) >= 18  # 6 matrix sites in each of the 3 layers
+    for site, gram in statistics[0].grams.items():
+        assert np.allclose(statistics[1].grams[site], gram, rtol=1e-3,
+                           atol=1e-4 * np.abs(gram).max()), site
+        assert np.allclose(statistics[1].means[site], statistics[0].means[site], rtol=1e-3,
+                           atol=1e-4 * np.abs(statistics[0].means[site]).max()), site
+    lossy = apply_plan(loaded.canonical, Plan([PlanEntry(s.name, "svd", [32])
+                                               for s in analysis.sites]), analysis.sites)
+    errors = {name: [f.relative_l2_error for f in lrdeploy.verify.compare(
+        loaded.canonical, lossy, [feed])] for name, feed in (("alone", alone),
+                                                               ("padded", padded))}
+    assert max(errors["alone"]) > 0.05  # rank 32 of 384 is lossy
+    assert np.allclose(errors["padded"], errors["alone"], rtol=1e-3), errors
