@@ -19,7 +19,12 @@ import onnx_ir as ir
 
 from lrdeploy import frontend, runtime
 from lrdeploy.analysis import ModelAnalysis, analyze_model
-from lrdeploy.calibration import site_statistics, split_calibration
+from lrdeploy.calibration import (
+    PADDING_MASK_INPUTS,
+    padding_mask,
+    site_statistics,
+    split_calibration,
+)
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.fileio import same_file, write_json
 from lrdeploy.plan import Plan, apply_plan, make_plan
@@ -175,6 +180,8 @@ def compress(
         feeds = [runtime.random_inputs(loaded.original, analysis.specs, seed + i)
                  for i in range(samples)]
         feed_source = f"{samples} random feed(s), seed {seed}"
+    if any(padding_mask(feed) is not None for feed in feeds):
+        feed_source += f", positions {' / '.join(PADDING_MASK_INPUTS)} marks as padding left out"
     fidelity = compare(loaded.original, compressed, feeds)
     result_report = build_report(
         source=loaded.source, output=output, plan_source=plan_source,

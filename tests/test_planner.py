@@ -456,7 +456,7 @@ def test_bias_correction_removes_the_mean_output_error(tmp_path):
     assert outcome.measured_error < planner.model_error(planner.apply(uncorrected))[0]
 
 
-def test_padding_changes_neither_the_statistics_nor_the_verification(minilm_l3):
+def test_padding_changes_neither_the_statistics_nor_the_verification(minilm_l3, tmp_path):
     """A Hugging Face text model fed the same 9 tokens alone and padded to 48: the padded
     positions (masked by ``attention_mask``) must not enter the calibration statistics nor the
     comparison of a lossy model's per-token outputs."""
@@ -481,3 +481,7 @@ def test_padding_changes_neither_the_statistics_nor_the_verification(minilm_l3):
                                                                ("padded", padded))}
     assert max(errors["alone"]) > 0.05  # rank 32 of 384 is lossy
     assert np.allclose(errors["padded"], errors["alone"], rtol=1e-3), errors
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{name: np.stack([padded[name]] * 2) for name in padded})
+    report = lrdeploy.compress(minilm_l3, rank="rank:32", calib=calib).report
+    assert "attention_mask marks as padding left out" in report["verification"]["feed_source"]
