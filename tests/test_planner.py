@@ -474,6 +474,13 @@ def test_padding_changes_neither_the_statistics_nor_the_verification(minilm_l3, 
                            atol=1e-4 * np.abs(gram).max()), site
         assert np.allclose(statistics[1].means[site], statistics[0].means[site], rtol=1e-3,
                            atol=1e-4 * np.abs(statistics[0].means[site]).max()), site
+    # Two samples of 9 and 20 tokens count alike: each one's rows weighted by 14.5 / its rows.
+    longer = {name: np.tile(value, (1, 3))[:, :20] for name, value in alone.items()}
+    both = site_statistics(loaded.canonical, analysis.sites, [alone, longer], shrink=False)
+    single = site_statistics(loaded.canonical, analysis.sites, [longer], shrink=False)
+    for site, gram in both.grams.items():
+        expected = 14.5 / 9 * statistics[0].grams[site] + 14.5 / 20 * single.grams[site]
+        assert np.allclose(gram, expected, rtol=1e-6), site
     lossy = apply_plan(loaded.canonical, Plan([PlanEntry(s.name, "svd", [32])
                                                for s in analysis.sites]), analysis.sites)
     errors = {name: [f.relative_l2_error for f in lrdeploy.verify.compare(
