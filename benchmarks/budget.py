@@ -31,7 +31,8 @@ plan's ranks are also given plain SVD factors, with and without the bias correct
 separate what whitening and the correction each bring. Models and data (all from PyPI packages,
 see benchmarks/requirements.txt):
     MiniLM-L6 (all-MiniLM-L6-v2, seq 128, traced from torch): calibration texts from gensim's
-    lee_background.cor at three lengths (passages, sentences, single words); fidelity:
+    lee_background.cor at three lengths (passages, sentences, single words: half of them);
+    fidelity:
     embedding cosine vs dense, Lee document-similarity Pearson and WordSim-353 Spearman
     against the human scores, and (wordsim_vs_dense) the Spearman correlation of the WordSim
     pairs' cosine similarities with the dense model's: how well the dense model's ranking of
@@ -156,11 +157,12 @@ def minilm_task(calib_count: int) -> Task:
 
 def minilm_calibration_texts(count: int) -> list[str]:
     """Calibration texts at the lengths the model is used at, from Lee's background corpus (not
-    from the evaluation data): of every four, two passages of five sentences (most of the 128
-    positions hold text, as in a Lee document), one sentence, and one word of a sentence (a
-    short query, as WordSim's). Every four hold every kind, so the held-out last quarter
-    (the planner's error feeds) sees them all. A word is a content word of its sentence (not
-    one of the corpus's 200 most frequent), as a query is."""
+    from the evaluation data): of every four, a passage of five sentences (most of the 128
+    positions hold text, as in a Lee document), a sentence, and two single words of a sentence
+    (short queries, as WordSim's): the model is judged on long texts and on single words
+    alike, so each is half of the data. Every four hold every kind, so the held-out last
+    quarter (the planner's error feeds) sees them all. A word is a content word of its
+    sentence (not one of the corpus's 200 most frequent), as a query is."""
     import minilm_l6 as m
 
     sentences = iter(m.calibration_sentences(3 * count + 12, seed=0))
@@ -169,9 +171,9 @@ def minilm_calibration_texts(count: int) -> list[str]:
     texts = []
     for index in range(count):
         kind = index % 4
-        if kind in (0, 2):
+        if kind == 0:
             texts.append(" ".join(next(sentences) for _ in range(5)))
-        elif kind == 1:
+        elif kind == 2:
             texts.append(next(sentences))
         else:
             words = []
@@ -472,7 +474,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["minilm", "mobilenet"],
                         choices=["minilm", "mobilenet"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6])
-    parser.add_argument("--calib", type=int, default=32, help="calibration samples")
+    parser.add_argument("--calib", type=int, default=64,
+                        help="calibration samples (default 64; MobileNetV2 has 36: 18 photos "
+                             "and their mirror images)")
     parser.add_argument("--error-feeds", type=int, default=32,
                         help="held-out calibration samples the planners measure model errors "
                              "on (at most the last quarter of --calib, which the statistics are "
