@@ -180,7 +180,7 @@ def compress(
         feeds = [runtime.random_inputs(loaded.original, analysis.specs, seed + i)
                  for i in range(samples)]
         feed_source = f"{samples} random feed(s), seed {seed}"
-    if any(padding_mask(feed) is not None for feed in feeds):
+    if any(mask is not None and not mask.all() for mask in map(padding_mask, feeds)):
         feed_source += f", positions {' / '.join(PADDING_MASK_INPUTS)} marks as padding left out"
     fidelity = compare(loaded.original, compressed, feeds)
     result_report = build_report(

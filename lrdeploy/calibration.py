@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy import runtime
+from lrdeploy.runtime import PADDING_MASK_INPUTS
 from lrdeploy.sites import Site
 
 
@@ -42,11 +43,6 @@ def feature_rows(site: Site, activation: np.ndarray) -> np.ndarray:
         return np.swapaxes(activation, -1, -2).reshape(-1, activation.shape[-2])
     strided = activation[:, :, :: site.strides[0], :: site.strides[1]]
     return strided.transpose(0, 2, 3, 1).reshape(-1, activation.shape[1])
-
-
-# Inputs that mark padded positions with 0 and text with 1, shape (batch, sequence): Hugging
-# Face's name, which its exporters (torch.onnx, optimum) keep.
-PADDING_MASK_INPUTS = ("attention_mask",)
 
 
 def padding_mask(feed: runtime.Feeds) -> np.ndarray | None:

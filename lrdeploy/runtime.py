@@ -102,12 +102,21 @@ def _shape_text(dims: Iterable[object]) -> str:
     return "[" + ",".join(str(d) if isinstance(d, int) else str(d or "?") for d in dims) + "]"
 
 
+# Inputs that mark padded positions with 0 and text with 1, shape (batch, sequence): Hugging
+# Face's name, which its exporters (torch.onnx, optimum) keep.
+PADDING_MASK_INPUTS = ("attention_mask",)
+
+
 def random_inputs(model: ir.Model, specs: Sequence[InputSpec], seed: int = 0) -> Feeds:
-    """Seeded inputs of the given specs: normal floats; integers valid as embedding indices."""
+    """Seeded inputs of the given specs: normal floats; integers valid as embedding indices;
+    padding masks all ones (a text filling every position: random zeros would be holes in
+    the middle of it, which no tokenizer makes)."""
     rng = np.random.default_rng(seed)
     feeds: Feeds = {}
     for spec in specs:
-        if spec.dtype.kind == "f":
+        if spec.name in PADDING_MASK_INPUTS:
+            feeds[spec.name] = np.ones(spec.shape, spec.dtype)
+        elif spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
             high = _index_bound(model, spec.name)

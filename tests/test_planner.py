@@ -492,3 +492,5 @@ def test_padding_changes_neither_the_statistics_nor_the_verification(minilm_l3, 
     np.savez(calib, **{name: np.stack([padded[name]] * 2) for name in padded})
     report = lrdeploy.compress(minilm_l3, rank="rank:32", calib=calib).report
     assert "attention_mask marks as padding left out" in report["verification"]["feed_source"]
+    random_feed = runtime.random_inputs(loaded.canonical, analysis.specs)
+    assert random_feed["attention_mask"].all() and random_feed["input_ids"].std() > 0
