@@ -108,9 +108,8 @@ def _data_positions(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     per position of ``mask``."""
     if not per_position(output, mask):
         return output.ravel()
-    if output.shape[:2] == mask.shape:
-        return output[mask].ravel()
-    return output[mask.reshape(-1)].ravel()
+    # (batch, sequence, ...) and (batch * sequence, ...) alike: one row per position
+    return output.reshape(mask.size, -1)[mask.reshape(-1)].ravel()
 
 
 def _fidelity(name: str, a: np.ndarray, b: np.ndarray) -> OutputFidelity:
