@@ -25,7 +25,7 @@ from lrdeploy.decompositions import (
 from lrdeploy.errors import LrdeployWarning
 from lrdeploy.latency import OnnxruntimeLatency, RooflineLatency, TvmLatency, structure_key
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
-from lrdeploy.planner import Planner, standalone
+from lrdeploy.planner import Planner, error_notes, standalone
 from lrdeploy.search import Frontier, Option
 from lrdeploy.targets.devices import get_device
 
@@ -314,6 +314,14 @@ def test_a_plan_that_destroys_the_outputs_is_kept_with_a_warning(tmp_path, laten
         outcome = planner.solve("params", 0.6, relative=True)
     assert outcome.plan.factorized() and outcome.measured_error >= 1
     assert outcome.notes and "too tight" in outcome.notes[0]
+
+
+def test_a_large_error_is_told_apart_from_a_useless_one():
+    assert error_notes(0.3) == []
+    (large,) = error_notes(0.87)
+    assert "87% of their size" in large and "measure its accuracy" in large
+    (useless,) = error_notes(1.2)
+    assert "no closer to the dense model's than zeros" in useless
 
 
 def test_roofline_plans_for_an_unreachable_device(mlp, latency_cache):
