@@ -478,10 +478,11 @@ def print_differences(rows: list[dict]) -> None:
     if not metrics:
         return
     items = {m: len(rows[0][RESAMPLED][m].arrays[0]) for m in metrics}
+    lower = sorted(LOWER_IS_BETTER & set(metrics))
     print(f"\nplanner - baseline (± the standard deviation over {BOOTSTRAP_DRAWS} paired "
           "bootstrap resamplings of the items: "
-          + ", ".join(f"{m} {n}" for m, n in items.items()) + "; "
-          + ", ".join(sorted(LOWER_IS_BETTER & set(metrics))) + " lower is better)")
+          + ", ".join(f"{m} {n}" for m, n in items.items())
+          + (f"; {', '.join(lower)} lower is better" if lower else "") + ")")
     for row in rows:
         if row["budget"] is None or not row["how"].startswith("planner") or "ms" not in row:
             continue
