@@ -78,8 +78,8 @@ def digits(tmp_path_factory) -> dict:
             "calib": outdir / "digits_calib.npz", "dir": outdir}
 
 
-def _compile_and_verify(model, outdir, calib, *options) -> dict:
-    proc = run_cli("compile", model, "--target", "cortex-m4", "-o", outdir, *options)
+def _compile_and_verify(model, outdir, calib, *options, target: str = "cortex-m4") -> dict:
+    proc = run_cli("compile", model, "--target", target, "-o", outdir, *options)
     assert proc.returncode == 0, proc.stderr
     assert "flash" in proc.stdout and "arena" in proc.stdout
     for where in ([], ["--emulate"]):
@@ -107,6 +107,18 @@ def test_digits_cnn_runs_on_host_c_and_on_an_emulated_cortex_m4(digits) -> None:
     assert dense["mcu"]["weight_bytes"] == dense["onnx_param_bytes"]
     assert lowrank["mcu"]["weight_bytes"] < dense["mcu"]["weight_bytes"]
     assert lowrank["compression"]["sites_factorized"] >= 1
+
+
+def test_the_cortex_m7_row_builds_and_runs_on_its_own_emulated_board(digits) -> None:
+    """Another core, FPU, board and flash size, from the device table's row alone."""
+    outdir = digits["dir"] / "m7"
+    manifest = _compile_and_verify(digits["dense"], outdir, digits["calib"], "--rank",
+                                   "energy:0.9", target="cortex-m7")
+    makefile = (outdir / "Makefile").read_text()
+    assert "-mcpu=cortex-m7" in makefile and "-mfpu=fpv5-d16" in makefile
+    assert "-M mps2-an500" in makefile  # the board verify --emulate started
+    assert manifest["mcu"]["flash_limit_bytes"] == 2048 * 1024
+    assert manifest["compression"]["sites_factorized"] >= 1
 
 
 def test_a_model_too_big_for_the_flash_is_refused_then_fits_with_a_parameter_budget(
