@@ -181,7 +181,8 @@ def compress(
                  for i in range(samples)]
         feed_source = f"{samples} random feed(s), seed {seed}"
     if any(mask is not None and not mask.all() for mask in map(padding_mask, feeds)):
-        feed_source += f", positions {' / '.join(PADDING_MASK_INPUTS)} marks as padding left out"
+        named = sorted({name for feed in feeds for name in PADDING_MASK_INPUTS if name in feed})
+        feed_source += f", positions {' / '.join(named)} marks as padding left out"
     fidelity = compare(loaded.original, compressed, feeds)
     result_report = build_report(
         source=loaded.source, output=output, plan_source=plan_source,

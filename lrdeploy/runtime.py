@@ -103,8 +103,9 @@ def _shape_text(dims: Iterable[object]) -> str:
 
 
 # Inputs that mark padded positions with 0 and text with 1, shape (batch, sequence): Hugging
-# Face's name, which its exporters (torch.onnx, optimum) keep.
-PADDING_MASK_INPUTS = ("attention_mask",)
+# Face's name, which its exporters (torch.onnx, optimum) keep, and Google BERT's, which
+# tf2onnx exports of it keep.
+PADDING_MASK_INPUTS = ("attention_mask", "input_mask")
 
 
 def random_inputs(model: ir.Model, specs: Sequence[InputSpec], seed: int = 0) -> Feeds:

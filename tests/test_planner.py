@@ -15,7 +15,7 @@ from conftest import make_model, run_cli, tensor_value
 from lrdeploy import runtime
 from lrdeploy.analysis import analyze_model
 from lrdeploy.api import Budget, plan_for_budget
-from lrdeploy.calibration import ledoit_wolf, site_statistics, split_calibration
+from lrdeploy.calibration import ledoit_wolf, padding_mask, site_statistics, split_calibration
 from lrdeploy.decompositions import (
     svd_factors,
     svd_output_errors,
@@ -462,6 +462,12 @@ def test_bias_correction_removes_the_mean_output_error(tmp_path):
     assert outcome.plan.bias_correction and outcome.attempts[0]["bias_correction"]
     uncorrected = dataclasses.replace(outcome.plan, bias_correction=False)
     assert outcome.measured_error < planner.model_error(planner.apply(uncorrected))[0]
+
+
+def test_google_berts_input_mask_is_a_padding_mask_too():
+    mask = np.array([[1, 1, 1, 0, 0]], np.int32)
+    assert (padding_mask({"input_ids": mask, "input_mask": mask}) == mask.astype(bool)).all()
+    assert padding_mask({"input_mask": 2 * mask}) is None  # not a 0 / 1 mask
 
 
 def test_padding_changes_neither_the_statistics_nor_the_verification(minilm_l3, tmp_path):
