@@ -19,12 +19,7 @@ import onnx_ir as ir
 
 from lrdeploy import frontend, runtime
 from lrdeploy.analysis import ModelAnalysis, analyze_model
-from lrdeploy.calibration import (
-    PADDING_MASK_INPUTS,
-    padding_mask,
-    site_statistics,
-    split_calibration,
-)
+from lrdeploy.calibration import padding_mask_input, site_statistics, split_calibration
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.fileio import same_file, write_json
 from lrdeploy.plan import Plan, apply_plan, make_plan
@@ -180,9 +175,10 @@ def compress(
         feeds = [runtime.random_inputs(loaded.original, analysis.specs, seed + i)
                  for i in range(samples)]
         feed_source = f"{samples} random feed(s), seed {seed}"
-    if any(mask is not None and not mask.all() for mask in map(padding_mask, feeds)):
-        named = sorted({name for feed in feeds for name in PADDING_MASK_INPUTS if name in feed})
-        feed_source += f", positions {' / '.join(named)} marks as padding left out"
+    padded = sorted({name for feed in feeds
+                     if (name := padding_mask_input(feed)) is not None and not feed[name].all()})
+    if padded:
+        feed_source += f", positions {' / '.join(padded)} marks as padding left out"
     fidelity = compare(loaded.original, compressed, feeds)
     result_report = build_report(
         source=loaded.source, output=output, plan_source=plan_source,

@@ -45,14 +45,21 @@ def feature_rows(site: Site, activation: np.ndarray) -> np.ndarray:
     return strided.transpose(0, 2, 3, 1).reshape(-1, activation.shape[1])
 
 
-def padding_mask(feed: runtime.Feeds) -> np.ndarray | None:
-    """The feed's positions that hold data, (batch, sequence) booleans, where the feed carries
-    a padding mask with at least one such position; None otherwise."""
+def padding_mask_input(feed: runtime.Feeds) -> str | None:
+    """The name of the feed's padding mask: an input of ``PADDING_MASK_INPUTS`` shaped (batch,
+    sequence) that holds only 0 and 1, and some 1s; None where it has none."""
     for name in PADDING_MASK_INPUTS:
         mask = feed.get(name)
         if mask is not None and mask.ndim == 2 and np.isin(mask, (0, 1)).all() and mask.any():
-            return mask.astype(bool)
+            return name
     return None
+
+
+def padding_mask(feed: runtime.Feeds) -> np.ndarray | None:
+    """The feed's positions that hold data, (batch, sequence) booleans, where the feed carries
+    a padding mask (``padding_mask_input``); None otherwise."""
+    name = padding_mask_input(feed)
+    return None if name is None else feed[name].astype(bool)
 
 
 def per_position(array: np.ndarray, mask: np.ndarray | None) -> bool:
