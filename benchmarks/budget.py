@@ -108,6 +108,10 @@ class Resampled(NamedTuple):
     arrays: tuple[np.ndarray, ...]
     statistic: Callable[..., float]
 
+    @property
+    def value(self) -> float:
+        return self.statistic(*self.arrays)
+
     def at(self, chosen: np.ndarray) -> float:
         return self.statistic(*(a[chosen] for a in self.arrays))
 
@@ -169,12 +173,12 @@ def minilm_task(calib_count: int) -> Task:
         resampled = {"cosine": Resampled((cosines,), _mean),
                      "wordsim_spearman": Resampled((pairs, human), _spearman),
                      "wordsim_vs_dense": Resampled((pairs, dense_pairs), _spearman)}
-        metrics = {name: column.statistic(*column.arrays) for name, column in resampled.items()}
-        metrics["lee_pearson"] = m.lee_pearson(docs)
-        metrics["dictionary_vs_dense"] = _spearman(dictionary, dense_dictionary)
-        order = ("cosine", "lee_pearson", "wordsim_spearman", "wordsim_vs_dense",
-                 "dictionary_vs_dense")
-        return Fidelity({name: metrics[name] for name in order}, resampled)
+        return Fidelity({"cosine": resampled["cosine"].value,
+                         "lee_pearson": m.lee_pearson(docs),
+                         "wordsim_spearman": resampled["wordsim_spearman"].value,
+                         "wordsim_vs_dense": resampled["wordsim_vs_dense"].value,
+                         "dictionary_vs_dense": _spearman(dictionary, dense_dictionary)},
+                        resampled)
 
     return Task("MiniLM-L6 (seq 128)", analysis, calib, fidelity, "lee_pearson")
 
@@ -228,8 +232,7 @@ def mobilenet_task(calib_count: int) -> Task:
         resampled = {"top1_agreement": Resampled((dense.argmax(1) == logits.argmax(1),), _mean),
                      "kl": Resampled((kl,), _mean),
                      "top1_accuracy": Resampled((logits.argmax(1) == labels,), _mean)}
-        return Fidelity({name: column.statistic(*column.arrays)
-                         for name, column in resampled.items()}, resampled)
+        return Fidelity({name: column.value for name, column in resampled.items()}, resampled)
 
     return Task("MobileNetV2 (224)", analysis, calib, fidelity, "top1_agreement")
 
