@@ -23,7 +23,6 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy import runtime
-from lrdeploy.runtime import PADDING_MASK_INPUTS
 from lrdeploy.sites import Site
 
 
@@ -46,9 +45,9 @@ def feature_rows(site: Site, activation: np.ndarray) -> np.ndarray:
 
 
 def padding_mask_input(feed: runtime.Feeds) -> str | None:
-    """The name of the feed's padding mask: an input of ``PADDING_MASK_INPUTS`` shaped (batch,
-    sequence) that holds only 0 and 1, and some 1s; None where it has none."""
-    for name in PADDING_MASK_INPUTS:
+    """The name of the feed's padding mask: an input of ``runtime.PADDING_MASK_INPUTS`` shaped
+    (batch, sequence) that holds only 0 and 1, and some 1s; None where it has none."""
+    for name in runtime.PADDING_MASK_INPUTS:
         mask = feed.get(name)
         if mask is not None and mask.ndim == 2 and np.isin(mask, (0, 1)).all() and mask.any():
             return name
