@@ -126,8 +126,8 @@ def site_statistics(
     ``N / (F n_f)`` (``n_f`` its rows, ``N`` all rows, ``F`` the samples), which changes
     nothing when all samples have as many rows. Once padding is left out, a one-word query
     holds 3 rows where a passage holds 128, and would otherwise hardly count, although a
-    model serving both is judged on each alike. (The planner's model error still pools
-    positions; see ``Planner.model_error``.) On MiniLM
+    model serving both is judged on each alike. (The planner's model error pools feeds
+    instead; see ``Planner.model_error``.) On MiniLM
     at 75% of its latency (one planner run each way), the plain-SVD planner's plan kept the
     dense model's word similarities better with samples weighed alike (Spearman over 79,800
     word pairs 0.46, against 0.35 with rows weighed alike).
