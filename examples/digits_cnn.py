@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,14 @@ def train(hidden: int = 128, epochs: int = 15,
 
 
 def export(model: nn.Module, path: Path) -> None:
-    torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False,
-                      input_names=[INPUT_NAME], output_names=["logits"], opset_version=17)
+    # The TorchScript exporter writes one self-contained file (the dynamo exporter puts the
+    # weights in a separate .data file and logs its progress); its deprecation notice is noise
+    # to someone running the example.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript",
+                                DeprecationWarning)
+        torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False,
+                          input_names=[INPUT_NAME], output_names=["logits"], opset_version=17)
 
 
 def main() -> None:

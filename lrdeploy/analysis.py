@@ -1,8 +1,9 @@
 """Per-site spectra and the figures a user needs to pick ranks (``lrdeploy analyze``).
 
 For each site, under the method ``--method auto`` would give it: parameters, FLOPs at the
-analysed input shape, the effective rank, the ranks keeping 90/95/99% of the spectral energy, and
-the break-even ranks above which factorizing no longer reduces both parameters and FLOPs.
+analysed input shape, the effective rank, the ranks keeping 90/95/99% of the spectral energy, the
+rank EVBMF keeps (the singular values it tells from noise), and the break-even ranks above
+which factorizing no longer reduces both parameters and FLOPs.
 Methods with two ranks (Tucker-2: output, input channels) report a pair for each figure.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy import runtime
-from lrdeploy.decompositions import effective_rank, energy_rank, singular_values
+from lrdeploy.decompositions import effective_rank, energy_rank, evbmf_rank, singular_values
 from lrdeploy.methods import Grams, Means, method_for, rule_for
 from lrdeploy.passes.base import Factorization
 from lrdeploy.ranks import largest_scaled_ranks
@@ -26,11 +27,13 @@ ENERGY_LEVELS = (0.90, 0.95, 0.99)
 
 @dataclass
 class SiteSpectra:
-    """A site's factorization rule and the singular values of each of its unfoldings."""
+    """A site's factorization rule and the singular values and shape of each of its
+    unfoldings."""
 
     site: Site
     rule: Factorization
     spectra: list[np.ndarray]
+    shapes: list[tuple[int, int]]
 
     @property
     def full_ranks(self) -> tuple[int, ...]:
@@ -41,6 +44,10 @@ class SiteSpectra:
 
     def energy_ranks(self, energy: float) -> tuple[int, ...]:
         return tuple(energy_rank(s, energy) for s in self.spectra)
+
+    def vbmf_ranks(self) -> tuple[int, ...]:
+        return tuple(evbmf_rank(s, shape) for s, shape in zip(self.spectra, self.shapes,
+                                                               strict=True))
 
     def is_profitable(self, ranks: Sequence[int]) -> bool:
         """True when ``ranks`` reduce parameters, and FLOPs where they are known."""
@@ -58,7 +65,9 @@ def site_spectra(site: Site, method: str, tucker_sweeps: int = 0,
     rule = rule_for(method, site, tucker_sweeps, grams)
     if rule is None:
         return None
-    return SiteSpectra(site, rule, [singular_values(m) for m in rule.unfoldings(site)])
+    unfoldings = rule.unfoldings(site)
+    return SiteSpectra(site, rule, [singular_values(m) for m in unfoldings],
+                       [m.shape for m in unfoldings])
 
 
 @dataclass
@@ -110,6 +119,7 @@ class ModelAnalysis:
                 "effective_rank": [round(e, 2) for e in spectra.effective_ranks()],
                 **{f"energy_{round(level * 100)}": list(spectra.energy_ranks(level))
                    for level in ENERGY_LEVELS},
+                "vbmf": list(spectra.vbmf_ranks()),
                 "break_even_ranks": _list_or_none(spectra.break_even_ranks()),
             })
         return out

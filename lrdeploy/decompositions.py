@@ -274,8 +274,10 @@ def energy_rank(singular: np.ndarray, energy: float) -> int:
     return int(min(np.searchsorted(kept, energy - 1e-12) + 1, len(squares)))
 
 
-def evbmf_rank(matrix: np.ndarray) -> int:
-    """Rank chosen by empirical variational Bayesian matrix factorization (EVBMF).
+def evbmf_rank(singular: np.ndarray, shape: tuple[int, int]) -> int:
+    """Rank chosen by empirical variational Bayesian matrix factorization (EVBMF), from the
+    singular values ``singular`` of a matrix of ``shape`` (callers have the spectrum already:
+    the rank needs no second SVD).
 
     With the noise variance sigma^2 itself estimated by maximising the evidence, the global
     analytic EVBMF solution keeps exactly the singular values above
@@ -289,11 +291,8 @@ def evbmf_rank(matrix: np.ndarray) -> int:
        dimensionality recovery by variational Bayesian PCA", JMLR 16, 2015 (Sec. 3, Thm. 2).
     .. [2] Y.-D. Kim et al., ICLR 2016, who use it to pick Tucker-2 ranks.
     """
-    y = np.asarray(matrix, dtype=np.float64)
-    if y.shape[0] > y.shape[1]:
-        y = y.T
-    rows, cols = y.shape
-    s = singular_values(y)
+    rows, cols = sorted(shape)
+    s = np.sort(np.asarray(singular, dtype=np.float64))[::-1]
     if s[0] <= 0:
         return 1
     alpha = rows / cols

@@ -2,7 +2,8 @@
 measured check of the chosen plan.
 
 1. Candidates: for every site, dense plus each applicable method over a rank grid aligned to
-   the device's SIMD width, seeded by the spectral hints (energy ranks, effective rank).
+   the device's SIMD width, seeded by the spectral hints (energy ranks, effective rank, the
+   EVBMF rank).
 2. Error model: every error is measured on the planner's feeds, which should be calibration
    samples held out of the statistics the factors are fitted to (``split_calibration``):
    whitened factors fit their own samples far better than others. A candidate's *site* error
@@ -207,6 +208,7 @@ class Planner:
             errors = self._site_errors(site, method, spectra.spectra)
             hints = [spectra.energy_ranks(e) for e in SEED_ENERGIES]
             hints.append(tuple(round(e) for e in spectra.effective_ranks()))
+            hints.append(spectra.vbmf_ranks())
             grids = [rank_grid(f, self.device.simd_lanes, [h[i] for h in hints])
                      for i, f in enumerate(spectra.full_ranks)]
             for ranks in _rank_tuples(grids, spectra.full_ranks):

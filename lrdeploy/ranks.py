@@ -106,7 +106,8 @@ def resolve_ranks(
         return tuple(max(1, min(f, round(rule.value * effective_rank(s))))
                      for s, f in zip(spectra, full, strict=False))
     if rule.kind == "vbmf":
-        return tuple(min(f, evbmf_rank(m)) for m, f in zip(unfoldings, full, strict=False))
+        return tuple(min(f, evbmf_rank(s, m.shape))
+                     for s, m, f in zip(spectra, unfoldings, full, strict=False))
     if rule.kind == "ratio":
         budget = rule.value * dense_params
         best = largest_scaled_ranks(full, lambda ranks: params_of(ranks) <= budget)

@@ -130,7 +130,7 @@ def print_analysis(console: Console, rows: Sequence[dict], skipped: Sequence[dic
     table = Table(title=_titled(f"Factorizable sites ({len(rows)}) at {shapes}", prefix),
                   title_justify="left")
     for column in ("site", "op", "weight", "method", "params", "FLOPs", "full", "erank",
-                   "E90", "E95", "E99", "break-even"):
+                   "E90", "E95", "E99", "VBMF", "break-even"):
         table.add_column(column, justify="left" if column in ("site", "op", "method") else "right")
     for row in rows:
         table.add_row(
@@ -138,7 +138,7 @@ def print_analysis(console: Console, rows: Sequence[dict], skipped: Sequence[dic
             row["method"],
             _num(row["params"]), _num(row["flops"]), _ranks(row["full_ranks"]),
             _ranks(row["effective_rank"]), _ranks(row["energy_90"]), _ranks(row["energy_95"]),
-            _ranks(row["energy_99"]), _ranks(row["break_even_ranks"]),
+            _ranks(row["energy_99"]), _ranks(row["vbmf"]), _ranks(row["break_even_ranks"]),
         )
     console.print(table)
     print_skipped(console, skipped)

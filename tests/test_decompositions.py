@@ -56,8 +56,8 @@ def test_evbmf_recovers_the_rank_of_a_noisy_low_rank_matrix():
     rng = np.random.default_rng(3)
     signal = matrix_with_spectrum(np.linspace(40, 20, 6), 120, 200, seed=3)
     noisy = signal + 0.3 * rng.standard_normal(signal.shape)
-    assert evbmf_rank(noisy) == 6
-    assert evbmf_rank(noisy.T) == 6
+    assert evbmf_rank(singular_values(noisy), noisy.shape) == 6
+    assert evbmf_rank(singular_values(noisy.T), noisy.T.shape) == 6
 
 
 def test_svd_factors_exact_at_full_rank_and_optimal_when_truncated():
@@ -91,3 +91,24 @@ def test_spatial_svd_exact_at_full_rank():
     vertical, horizontal = spatial_svd(w, min(3 * 3, 5 * 2))
     rebuilt = np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0, :])
     assert np.allclose(rebuilt, w)
+
+
+def test_analyze_reports_the_evbmf_rank_of_a_site(tmp_path):
+    import json
+
+    from onnx import helper, numpy_helper
+
+    from conftest import make_model, run_cli, tensor_value
+
+    rng = np.random.default_rng(3)
+    signal = matrix_with_spectrum(np.linspace(40, 20, 6), 120, 200, seed=3)
+    noisy = (signal + 0.3 * rng.standard_normal(signal.shape)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+                       [tensor_value("x", [1, 120])], ["y"], [numpy_helper.from_array(noisy, "w")])
+    path = tmp_path / "planted.onnx"
+    path.write_bytes(model.SerializeToString())
+    proc = run_cli("analyze", path, "--json", tmp_path / "analysis.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "VBMF" in proc.stdout
+    (row,) = json.loads((tmp_path / "analysis.json").read_text())["sites"]
+    assert row["vbmf"] == [6]
