@@ -77,7 +77,7 @@ from lrdeploy import runtime  # noqa: E402
 from lrdeploy.analysis import ModelAnalysis, analyze_model  # noqa: E402
 from lrdeploy.calibration import site_statistics, split_calibration  # noqa: E402
 from lrdeploy.latency import OnnxruntimeLatency  # noqa: E402
-from lrdeploy.methods import DENSE  # noqa: E402
+from lrdeploy.methods import DENSE, PLAIN  # noqa: E402
 from lrdeploy.plan import Plan, PlanEntry, apply_plan, make_plan  # noqa: E402
 from lrdeploy.planner import NOISE_MARGIN, Planner, rank_grid  # noqa: E402
 from lrdeploy.ranks import RankRule  # noqa: E402
@@ -409,7 +409,7 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
     # Equal ranks, plain vs whitened factors: the data-aware plan at the tightest budget.
     tightest = [c for c in configs if c["how"] == "planner wsvd"]
     if tightest:
-        entries = [PlanEntry(e.site, "svd" if e.method == "wsvd" else e.method, e.ranks)
+        entries = [PlanEntry(e.site, PLAIN.get(e.method, e.method), e.ranks)
                    for e in tightest[-1]["plan"].entries]
         configs.append({"budget": None, "how": "same ranks, plain SVD",
                         "model": apply_plan(plain.model, Plan(entries), plain.sites)})

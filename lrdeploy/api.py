@@ -205,8 +205,8 @@ def _calibrated_analysis(loaded: Loaded, input_shapes, calib, seed: int, progres
                          ) -> tuple[ModelAnalysis, list[runtime.Feeds] | None, str]:
     """The analysis (shapes probed on the first calibration feed, if any), the calibration
     feeds that errors are measured on, and a line saying which they are. With calibration data
-    the analysis carries each site's input statistics (data-aware SVD), fitted on the other
-    feeds (``split_calibration``)."""
+    the analysis carries each site's input statistics (data-aware SVD and spatial SVD), fitted
+    on the other feeds (``split_calibration``)."""
     onnx_shapes = input_shapes if loaded.input_path else None
     if calib is None:
         return analyze_model(loaded.canonical, onnx_shapes, seed), None, ""
@@ -259,8 +259,8 @@ class Budget:
 
     ``engine`` measures latency (``lrdeploy.latency``; default onnxruntime on the host, TVM
     over RPC when ``rpc``/``tracker`` is given, else the roofline estimate). ``data_aware``
-    offers SVD factors whitened by the calibration activations (when there are any) beside
-    the plain ones, and keeps whichever errs less on the held-out samples.
+    offers SVD and spatial SVD factors whitened by the calibration activations (when there are
+    any) beside the plain ones, and keeps whichever errs less on the held-out samples.
     """
 
     kind: str
@@ -330,7 +330,7 @@ def _search(analysis: ModelAnalysis, budget: Budget, calib_feeds, samples: int, 
         raise LrdeployError("the model has no factorizable sites: nothing to plan")
     device = get_device(budget.target, budget.device_file)
     if calib_feeds is None:
-        warn("no calibration data (--calib): SVD factors are not data-aware and errors are "
+        warn("no calibration data (--calib): factors are not data-aware and errors are "
              "measured on random inputs")
         feeds = [runtime.random_inputs(analysis.model, analysis.specs, seed + i)
                  for i in range(samples)]

@@ -35,13 +35,43 @@ def site_input_name(model: ir.Model, site: Site) -> str:
 def feature_rows(site: Site, activation: np.ndarray) -> np.ndarray:
     """The activation as a (samples x input features) matrix X, so that ``y = X W`` is the
     site's product: the last axis for ``x @ W``, the second-to-last for ``W @ x``, channels
-    at the pixels a 1x1 conv reads for convolutions (its stride skips the others)."""
+    at the pixels a 1x1 conv reads for convolutions (its stride skips the others), and for a
+    k x k conv the vertical patches its spatial SVD's first conv reads (``vertical_patches``)."""
     if site.side == "right":
         return activation.reshape(-1, activation.shape[-1])
     if site.side == "left":
         return np.swapaxes(activation, -1, -2).reshape(-1, activation.shape[-2])
+    if site.kernel != (1, 1):
+        return vertical_patches(site, activation)
     strided = activation[:, :, :: site.strides[0], :: site.strides[1]]
     return strided.transpose(0, 2, 3, 1).reshape(-1, activation.shape[1])
+
+
+def vertical_patches(site: Site, activation: np.ndarray) -> np.ndarray:
+    """The kh x 1 patches of a k x k conv's input (N, C, H, W) at each output row and input
+    column, one row each, features ordered (channel, kernel row) as in
+    ``decompositions.spatial_unfolding``: height padded, strided and dilated as the conv does
+    (its width is the second conv's business)."""
+    _, channels, height, _ = activation.shape
+    kh, stride, dilation = site.kernel[0], site.strides[0], site.dilations[0]
+    top, bottom = height_pads(site, height)
+    padded = np.pad(activation, ((0, 0), (0, 0), (top, bottom), (0, 0)))
+    rows_out = (height + top + bottom - dilation * (kh - 1) - 1) // stride + 1
+    taps = [padded[:, :, i * dilation: i * dilation + stride * (rows_out - 1) + 1: stride]
+            for i in range(kh)]
+    return np.stack(taps, axis=2).transpose(0, 3, 4, 1, 2).reshape(-1, channels * kh)
+
+
+def height_pads(site: Site, height: int) -> tuple[int, int]:
+    """A conv's (top, bottom) padding at input height ``height``, ``auto_pad`` resolved."""
+    if site.auto_pad == "VALID":
+        return 0, 0
+    if site.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        return site.pads[0], site.pads[2]
+    stride, span = site.strides[0], site.dilations[0] * (site.kernel[0] - 1) + 1
+    total = max(0, (-(-height // stride) - 1) * stride + span - height)
+    half = total // 2
+    return (half, total - half) if site.auto_pad == "SAME_UPPER" else (total - half, half)
 
 
 def padding_mask_input(feed: runtime.Feeds) -> str | None:
@@ -118,7 +148,7 @@ def site_statistics(
     progress: Callable[[str], None] = lambda message: None,
     shrink: bool = True,
 ) -> SiteStatistics:
-    """``X^T X`` and the mean row of X at the input of each matrix / 1x1-conv site over
+    """``X^T X`` and the mean row of X (``feature_rows``) at the input of each site over
     ``feeds`` (padded positions left out, ``data_rows``); the Gram matrix shrunk towards a
     multiple of the identity by the Ledoit-Wolf rule (``shrink``).
 
@@ -135,19 +165,17 @@ def site_statistics(
     Few calibration samples for many features (a classifier's 1280 inputs from 32 images) give
     a rank-deficient Gram matrix: factors whitened by it fit the calibration set exactly and
     generalise badly. Ledoit-Wolf picks the shrinkage from the data themselves (none when
-    samples are plentiful). k x k convolutions are left out: their data-aware analogue works
-    on unfolded patches, which the passes do not use yet.
+    samples are plentiful).
     """
-    wanted = [s for s in sites if not s.is_conv or s.kernel == (1, 1)]
-    names = {s.name: site_input_name(model, s) for s in wanted}
+    names = {s.name: site_input_name(model, s) for s in sites}
     session = runtime.session(model, sorted(set(names.values())))
     # per site: X^T X, sum_i |x_i|^4, row count, sum_i x_i, each sample's rows weighted
-    stats: dict[str, list] = {s.name: [0.0, 0.0, 0, 0.0] for s in wanted}
+    stats: dict[str, list] = {s.name: [0.0, 0.0, 0, 0.0] for s in sites}
     for index, feed in enumerate(feeds):
         progress(f"calibration activations {index + 1}/{len(feeds)}")
         outputs = runtime.run(session, feed)
         mask = padding_mask(feed)
-        for site in wanted:
+        for site in sites:
             name = names[site.name]
             activation = outputs[name] if name in outputs else feed[name]
             rows = data_rows(site, activation, mask).astype(np.float64)

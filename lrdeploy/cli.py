@@ -87,11 +87,11 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
                        help="apply a saved plan instead of --rank/--method/--only/--skip")
     group.add_argument("--calib", metavar="NPZ",
                        help="calibration inputs keyed by input name (a stack of samples "
-                            "along a leading axis is fed one by one): they make SVD "
-                            "data-aware (factors whitened by the activations of the first "
-                            "three quarters) and verify the result (on the last quarter); "
-                            "positions an attention_mask input marks as padding are left "
-                            "out; default: random inputs, plain SVD")
+                            "along a leading axis is fed one by one): they make SVD and "
+                            "spatial SVD data-aware (factors whitened by the activations of "
+                            "the first three quarters) and verify the result (on the last "
+                            "quarter); positions an attention_mask input marks as padding are "
+                            "left out; default: random inputs, plain factors")
     group.add_argument("--samples", type=int, default=2,
                        help="random feeds when there is no --calib (default 2)")
     group.add_argument("--min-fidelity", type=float, metavar="COSINE",
@@ -147,8 +147,9 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
     group.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker (with --key)")
     group.add_argument("--key", help="device key registered with the tracker")
     group.add_argument("--plain-svd", action="store_true",
-                       help="do not whiten SVD factors with the --calib activations (they still "
-                            "measure the errors and may correct the biases)")
+                       help="do not whiten SVD or spatial SVD factors with the --calib "
+                            "activations (they still measure the errors and may correct the "
+                            "biases)")
     group.add_argument("--no-latency-cache", action="store_true",
                        help="time every chain again and do not save the figures")
     group.add_argument("--latency-threads", type=int, metavar="N",
@@ -226,9 +227,9 @@ plan can meet fails with the least reachable latency.""")
     plan.add_argument("--report", metavar="FILE", help="write the JSON report (frontier, sites)")
     plan.add_argument("--plot", metavar="FILE.png", help="plot the Pareto frontier")
     plan.add_argument("--calib", metavar="NPZ",
-                      help="calibration inputs (as for compress): data-aware SVD fitted on the "
-                           "first three quarters, errors measured on the last quarter; default "
-                           "random inputs and plain SVD")
+                      help="calibration inputs (as for compress): data-aware SVD and spatial "
+                           "SVD fitted on the first three quarters, errors measured on the last "
+                           "quarter; default random inputs and plain factors")
     plan.add_argument("--samples", type=int, default=4,
                       help="feeds the error model uses (default 4; with --calib, at most "
                            "the held-out last quarter)")

@@ -217,16 +217,22 @@ def spatial_unfolding(kernel: np.ndarray) -> np.ndarray:
     return kernel.transpose(1, 2, 0, 3).reshape(c_in * kh, c_out * kw)
 
 
-def spatial_svd(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def spatial_svd(kernel: np.ndarray, rank: int, gram: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Separate a k x k conv into a vertical (kh x 1) and a horizontal (1 x kw) conv.
 
     ``W[o, c, i, j] ~= sum_k vertical[k, c, i, 0] horizontal[o, k, 0, j]``, the truncated SVD
-    of ``spatial_unfolding(W)``.
+    of ``spatial_unfolding(W)``; with ``gram``, the whitened truncation of that unfolding
+    (``whitened_svd_factors``), which minimises the error on the vertical input patches whose
+    ``X^T X`` it is (see ``passes.whitened_svd``).
 
     Parameters
     ----------
     kernel : ndarray, shape (C_out, C_in, kh, kw)
     rank : int, number of intermediate channels
+    gram : ndarray, shape (C_in kh, C_in kh), optional
+        ``X^T X`` of the vertical patches of the conv's input, features in the unfolding's row
+        order (channel, then kernel row), as ``calibration.feature_rows`` gives them.
 
     Returns
     -------
@@ -239,7 +245,9 @@ def spatial_svd(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
        with Low Rank Expansions", BMVC 2014 (scheme 2).
     """
     c_out, c_in, kh, kw = kernel.shape
-    left, right = svd_factors(spatial_unfolding(kernel), rank)
+    unfolded = spatial_unfolding(kernel)
+    left, right = (svd_factors(unfolded, rank) if gram is None
+                   else whitened_svd_factors(unfolded, gram, rank))
     vertical = left.reshape(c_in, kh, rank).transpose(2, 0, 1)[..., None]
     horizontal = right.reshape(rank, c_out, kw).transpose(1, 0, 2)[:, :, None, :]
     return vertical, horizontal

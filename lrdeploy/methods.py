@@ -2,7 +2,8 @@
 
 Matrices and 1x1 convolutions use SVD (Tucker-2 and spatial SVD reduce to it there): data-aware
 (whitened) SVD when calibration statistics are given, plain SVD otherwise. ``--method`` chooses
-what k x k convolutions get.
+what k x k convolutions get; spatial SVD is data-aware with calibration statistics too (Tucker-2
+is not: its factors are fitted to the kernel alone).
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from lrdeploy.passes.svd_conv1x1 import SVDConv1x1
 from lrdeploy.passes.svd_matmul import SVDMatMul
 from lrdeploy.passes.tt_matrix import TTMatrix
 from lrdeploy.passes.tucker2_conv import Tucker2Conv
-from lrdeploy.passes.whitened_svd import WhitenedSVDConv1x1, WhitenedSVDMatMul
+from lrdeploy.passes.whitened_svd import (
+    WhitenedSpatialSVDConv,
+    WhitenedSVDConv1x1,
+    WhitenedSVDMatMul,
+)
 from lrdeploy.sites import Site
 
 METHOD_CHOICES = ("auto", "svd", "tucker2", "spatial")
 DENSE = "dense"
+# Each method that calibration data can fit, and its data-aware variant.
+DATA_AWARE = {"svd": "wsvd", "spatial": "wspatial"}
+PLAIN = {aware: plain for plain, aware in DATA_AWARE.items()}
 Grams = Mapping[str, np.ndarray]
 Means = Mapping[str, np.ndarray]
 
@@ -33,7 +41,8 @@ def rules(tucker_sweeps: int = 0, grams: Grams | None = None, means: Means | Non
     ``means`` correct the biases of every SVD."""
     return [SVDMatMul(means), SVDConv1x1(means), WhitenedSVDMatMul(grams, means),
             WhitenedSVDConv1x1(grams, means),
-            Tucker2Conv(tucker_sweeps), SpatialSVDConv(), TTMatrix()]
+            Tucker2Conv(tucker_sweeps), SpatialSVDConv(), WhitenedSpatialSVDConv(grams),
+            TTMatrix()]
 
 
 def rule_for(method: str, site: Site, tucker_sweeps: int = 0, grams: Grams | None = None,
@@ -53,4 +62,6 @@ def method_for(choice: str, site: Site, data_aware: bool = False) -> str | None:
         return "wsvd" if data_aware else "svd"
     if choice == "svd":
         return None
-    return "tucker2" if choice == "auto" else choice
+    if choice == "auto":
+        return "tucker2"
+    return DATA_AWARE[choice] if data_aware and choice in DATA_AWARE else choice

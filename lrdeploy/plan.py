@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from lrdeploy.analysis import ModelAnalysis
 from lrdeploy.errors import LrdeployError, warn
-from lrdeploy.methods import DENSE, Grams, Means, method_for, rule_for
+from lrdeploy.methods import DENSE, PLAIN, Grams, Means, method_for, rule_for
 from lrdeploy.ranks import RankRule, resolve_ranks
 from lrdeploy.sites import Site
 from lrdeploy.tensorize import TTLayout
@@ -131,14 +131,16 @@ def _plan_site(analysis, site, rule, method, only, skip, guard) -> PlanEntry:
 def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site],
                grams: Grams | None = None, means: Means | None = None) -> ir.Model:
     """Run the passes the plan names, one pass per method; ``model`` is not modified.
-    Data-aware entries (``wsvd``) use ``grams``; without them they get plain SVD factors.
+    Data-aware entries (``wsvd``, ``wspatial``) use ``grams``; without them they get plain
+    factors.
     With ``plan.bias_correction``, ``means`` (calibration input means) correct the biases of
     SVD entries, whitened or not."""
     by_name = {site.name: site for site in sites}
     groups: dict[type, tuple] = {}
-    if grams is None and any(e.method == "wsvd" for e in plan.entries):
-        warn("the plan asks for data-aware SVD (wsvd) but no calibration data was given "
-             "(--calib): those sites get plain SVD factors")
+    asked = sorted({e.method for e in plan.entries} & set(PLAIN))
+    if grams is None and asked:
+        warn(f"the plan asks for data-aware factors ({', '.join(asked)}) but no calibration "
+             "data was given (--calib): those sites get plain factors")
     if means is None and plan.bias_correction:
         warn("the plan asks for bias correction but no calibration data was given (--calib): "
              "biases are left as they are")

@@ -9,15 +9,16 @@ measured check of the chosen plan.
    whitened factors fit their own samples far better than others. A candidate's *site* error
    is the relative squared output error of that site on the feeds' activations (exact from
    the factors' spectra, ``decompositions.svd_output_errors``, for plain and for whitened SVD;
-   the weight error when no data is given; the bias correction by the calibration means,
-   which can only lower it, is left out). A data-aware planner offers plain and whitened SVD
-   factors at every rank and keeps whichever errs less there. Candidates another candidate of
-   the same site beats in both cost and site error are dropped (the search would never keep
-   them). For up to ``PROBES`` of the kept ones the *model* error is measured: the squared
-   relative model-output error on the feeds with only that site changed; the others are
-   interpolated linearly in site error between those measurements (activations such as ReLU6
-   make the response far from proportional). Predicted model error: ``e^2 = sum_s e_s^2``
-   (additivity, checked on the real model at the end).
+   for spatial SVD, on the vertical input patches, see ``passes.whitened_svd``; the weight
+   error for Tucker-2 and when no data is given; the bias correction by the calibration means,
+   which can only lower it, is left out). A data-aware planner offers plain and whitened
+   factors (SVD, spatial SVD) at every rank and keeps whichever errs less there. Candidates
+   another candidate of the same site beats in both cost and site error are dropped (the
+   search would never keep them). For up to ``PROBES`` of the kept ones the *model* error is
+   measured: the squared relative model-output error on the feeds with only that site
+   changed; the others are interpolated linearly in site error between those measurements
+   (activations such as ReLU6 make the response far from proportional). Predicted model
+   error: ``e^2 = sum_s e_s^2`` (additivity, checked on the real model at the end).
 3. Latency model: every candidate chain (and each site's dense operator) timed on the device
    (``lrdeploy.latency``, cached per device), plus the untouched rest of the model measured
    once: ``rest = max(0, T(dense model) - sum_s T(dense site s))``.
@@ -54,7 +55,7 @@ from lrdeploy.calibration import padding_mask, site_statistics
 from lrdeploy.decompositions import svd_output_errors, tail_sums, tt_matrix, tt_matrix_dense
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.latency import LatencyModel, RooflineLatency
-from lrdeploy.methods import DENSE, rule_for
+from lrdeploy.methods import DATA_AWARE, DENSE, PLAIN, rule_for
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
 from lrdeploy.search import Choice, Frontier, Option
 from lrdeploy.sites import Site, following_bias, model_params
@@ -198,7 +199,8 @@ class Planner:
     def _candidates(self, site: Site, methods: Sequence[str]) -> list[Candidate]:
         out = [Candidate(DENSE, (), site.params, 0.0)]
         menu = [m for method in methods for m in (
-            ("svd", "wsvd") if method == "svd" and self.data_aware else (method,))]
+            (method, DATA_AWARE[method]) if method in DATA_AWARE and self.data_aware
+            else (method,))]
         for method in menu:
             if method == "tt":
                 continue  # below: its ranks come with a shape, not from one spectrum
@@ -252,10 +254,14 @@ class Planner:
         """Per unfolding, the relative squared error at each rank (index r = rank r) on the
         planner's feeds."""
         grams = self.error_grams
-        if method in ("svd", "wsvd") and grams is not None and site.name in grams:
-            matrix = rule_for("svd", site).unfoldings(site)[0]
-            matrix = matrix if site.side == "right" else matrix.T
-            fit = self.analysis.grams.get(site.name) if method == "wsvd" else None
+        plain = PLAIN.get(method, method)
+        if plain in DATA_AWARE and grams is not None and site.name in grams:
+            (matrix,) = rule_for(plain, site).unfoldings(site)
+            # The error needs the input features on the rows (y = x @ W): a spatial
+            # unfolding has them there, an SVD's only for x @ W (not W @ x, nor a 1x1 conv).
+            if plain == "svd" and site.side != "right":
+                matrix = matrix.T
+            fit = self.analysis.grams.get(site.name) if method != plain else None
             tails = [svd_output_errors(matrix, grams[site.name], fit)]
         else:
             tails = [tail_sums(np.asarray(s, dtype=np.float64) ** 2) for s in spectra]

@@ -53,10 +53,14 @@ class SpatialSVDConv(Factorization):
             flops = 2 * n * rank * (h_out * w * c_in * kh + h_out * w_out * c_out * kw)
         return Cost(rank * (c_in * kh + c_out * kw) + site.bias_params, flops)
 
+    def kernels(self, site: Site, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """The vertical and horizontal kernels (``decompositions.spatial_svd``)."""
+        return spatial_svd(site.weight, rank)
+
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "spatial", 2)
         (rank,) = ranks
-        vertical, horizontal = spatial_svd(site.weight, rank)
+        vertical, horizontal = self.kernels(site, rank)
         kh, kw = site.kernel
         top, left, bottom, right = site.pads
         weight_value = node.inputs[1]

@@ -17,6 +17,17 @@ pixel: X rows are pixels, W is transposed around the whitening) get the same gra
 only the factor values change. A site with no calibration statistics gets plain SVD factors.
 The bias is corrected as for plain SVD (``MatrixFactorization``); whitening by the uncentred
 ``X^T X`` already keeps the mean direction among the first ones, so the correction is small here.
+
+k x k convolutions, the analogue on unfolded inputs (``wspatial``): spatial SVD factors the
+unfolding ``M[(c, i), (o, j)] = W[o, c, i, j]`` (``spatial_svd_conv``). With X the vertical
+input patches (one row per output row and input column: ``X[(h, w), (c, i)] = x[c, h s + i d,
+w]`` with the height stride s and dilation d, x padded in height), the output is (width stride
+1 and no width padding, for short) ``y[o, h, w] = sum_j (X M)[(h, w + j), (o, j)]``: each
+horizontal tap j reads column j of X M. The factors whitened by ``X^T X`` minimise
+``||X M - X A B||_F^2``, the sum over the taps of each tap's squared output error; the cross
+terms between taps (neighbouring columns' errors adding up in one output) are left out, as
+the objective of an SVD must be one matrix product. Its graph is plain spatial SVD's, and as
+there, the bias is left as it is.
 """
 
 from __future__ import annotations
@@ -25,8 +36,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from lrdeploy.decompositions import whitened_svd_factors, whitening
+from lrdeploy.decompositions import spatial_svd, whitened_svd_factors, whitening
 from lrdeploy.passes.base import MatrixFactorization
+from lrdeploy.passes.spatial_svd_conv import SpatialSVDConv
 from lrdeploy.passes.svd_conv1x1 import SVDConv1x1
 from lrdeploy.passes.svd_matmul import SVDMatMul
 from lrdeploy.sites import Site
@@ -71,3 +83,21 @@ class WhitenedSVDMatMul(WhitenedSVD, SVDMatMul):
 
 class WhitenedSVDConv1x1(WhitenedSVD, SVDConv1x1):
     pass
+
+
+class WhitenedSpatialSVDConv(SpatialSVDConv):
+    """Spatial SVD fitted to calibration data; ``grams`` maps a site name to ``P^T P`` of its
+    vertical input patches (see the module doc)."""
+
+    method = "wspatial"
+
+    def __init__(self, grams: Mapping[str, np.ndarray] | None = None) -> None:
+        self.grams = dict(grams or {})
+
+    def unfoldings(self, site: Site) -> list[np.ndarray]:
+        (matrix,) = super().unfoldings(site)
+        gram = self.grams.get(site.name)
+        return [matrix if gram is None else whitening(gram) @ matrix]
+
+    def kernels(self, site: Site, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        return spatial_svd(site.weight, rank, self.grams.get(site.name))

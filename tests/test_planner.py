@@ -15,8 +15,16 @@ from conftest import make_model, run_cli, tensor_value
 from lrdeploy import runtime
 from lrdeploy.analysis import analyze_model
 from lrdeploy.api import Budget, plan_for_budget
-from lrdeploy.calibration import ledoit_wolf, padding_mask, site_statistics, split_calibration
+from lrdeploy.calibration import (
+    feature_rows,
+    ledoit_wolf,
+    padding_mask,
+    site_statistics,
+    split_calibration,
+)
 from lrdeploy.decompositions import (
+    spatial_svd,
+    spatial_unfolding,
     svd_factors,
     svd_output_errors,
     whitened_singular_values,
@@ -108,6 +116,66 @@ def test_calibration_split_holds_out_the_last_quarter():
     assert split.disjoint
     one = split_calibration(feeds[:1])
     assert one.fit == one.held_out == feeds[:1] and not one.disjoint
+
+
+def _conv(path, kernel: tuple[int, int], attributes: dict, channels: int = 16,
+          size: int = 12) -> np.ndarray:
+    """Writes a one-Conv model (channels -> 24, no bias) to ``path``; returns its kernel."""
+    kernel_weights = np.random.default_rng(0).standard_normal(
+        (24, channels, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=list(kernel),
+                            **attributes)
+    model = make_model([node], [tensor_value("x", [1, channels, size, size])], ["y"],
+                       [numpy_helper.from_array(kernel_weights, "w")])
+    path.write_bytes(model.SerializeToString())
+    return kernel_weights
+
+
+@pytest.mark.parametrize("attributes", [
+    {"strides": [2, 1], "dilations": [2, 1], "pads": [1, 0, 2, 0]},
+    # Height 12, stride 2: SAME pads 1 row, below (UPPER) or above (LOWER).
+    {"strides": [2, 1], "auto_pad": "SAME_UPPER"},
+    {"strides": [2, 1], "auto_pad": "SAME_LOWER"},
+    {"strides": [3, 1], "auto_pad": "VALID"},
+])
+def test_vertical_patches_times_the_unfolded_kernel_is_the_conv(tmp_path, attributes):
+    """With a kh x 1 kernel, the conv is exactly the patches (calibration's rows for a k x k
+    site) times spatial SVD's unfolding: the rows hold the right pixels, in the right order."""
+    kernel = _conv(tmp_path / "conv.onnx", (3, 1), attributes)
+    analysis = analyze_model(lrdeploy.load(tmp_path / "conv.onnx").canonical)
+    x = np.random.default_rng(1).standard_normal((1, 16, 12, 12)).astype(np.float32)
+    y = runtime.run(runtime.session(analysis.model), {"x": x})["y"]
+    rows = feature_rows(analysis.sites[0], x) @ spatial_unfolding(kernel)
+    assert np.allclose(rows.reshape(1, y.shape[2], 12, 24).transpose(0, 3, 1, 2), y, atol=1e-4)
+
+
+def test_data_aware_spatial_svd_keeps_a_k_by_k_convs_outputs(tmp_path, latency_cache):
+    kernel = _conv(tmp_path / "conv.onnx", (3, 3), {"pads": [1, 1, 1, 1]})
+    # Eight images whose pixels share a known channel covariance; the last two are held out.
+    images = _anisotropic_data(8 * 144, 16, seed=5).reshape(8, 1, 12, 12, 16)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=images.transpose(0, 1, 4, 2, 3).astype(np.float32))
+    aware = lrdeploy.compress(tmp_path / "conv.onnx", rank="rank:16", method="spatial",
+                              calib=calib)
+    assert [e.method for e in aware.plan.factorized()] == ["wspatial"]
+    plain = lrdeploy.compress(tmp_path / "conv.onnx", calib=calib, plan=Plan(
+        [PlanEntry(e.site, "spatial", e.ranks) for e in aware.plan.entries]))
+    assert aware.fidelity[0].relative_l2_error < 0.7 * plain.fidelity[0].relative_l2_error
+    # Exact at full rank, like every rewrite.
+    loaded = lrdeploy.load(tmp_path / "conv.onnx")
+    analysis = analyze_model(loaded.canonical)
+    split = split_calibration(runtime.load_calibration(calib, analysis.specs))
+    analysis.grams, analysis.means = site_statistics(analysis.model, analysis.sites, split.fit)
+    vertical, horizontal = spatial_svd(kernel, 48, analysis.grams["conv"])
+    assert np.allclose(np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0]), kernel,
+                       atol=1e-3)
+    # The planner offers both, and on the held-out images the whitened factors err less.
+    host = get_device("host")
+    planner = Planner(analysis, host, RooflineLatency(host), split.held_out)
+    errors = {(c.method, c.ranks): c.site_error for c in planner.options[0].candidates}
+    shared = [ranks for method, ranks in errors if method == "wspatial"
+              and ("spatial", ranks) in errors]
+    assert shared and all(errors["wspatial", r] < errors["spatial", r] for r in shared)
 
 
 def _mlp(path, rows: int = 256, width: int = 512, hidden: int = 1024, seed: int = 0):
