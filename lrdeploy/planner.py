@@ -256,11 +256,9 @@ class Planner:
         grams = self.error_grams
         plain = PLAIN.get(method, method)
         if plain in DATA_AWARE and grams is not None and site.name in grams:
-            (matrix,) = rule_for(plain, site).unfoldings(site)
-            # The error needs the input features on the rows (y = x @ W): a spatial
-            # unfolding has them there, an SVD's only for x @ W (not W @ x, nor a 1x1 conv).
-            if plain == "svd" and site.side != "right":
-                matrix = matrix.T
+            rule = rule_for(plain, site)
+            (matrix,) = rule.unfoldings(site)
+            matrix = matrix if rule.inputs_on_rows(site) else matrix.T
             fit = self.analysis.grams.get(site.name) if method != plain else None
             tails = [svd_output_errors(matrix, grams[site.name], fit)]
         else:

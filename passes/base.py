@@ -47,6 +47,12 @@ class Factorization:
         """Replace ``node`` in ``graph`` by the factorized chain (in place, on a copy)."""
         raise NotImplementedError
 
+    def inputs_on_rows(self, site: Site) -> bool:
+        """Whether ``unfoldings(site)[0]`` holds the site's input features on its rows
+        (``y = x @ M``), which is what whitening by the inputs' ``X^T X`` multiplies; rules
+        with a data-aware variant say."""
+        raise NotImplementedError
+
     def full_ranks(self, site: Site) -> tuple[int, ...]:
         return tuple(min(m.shape) for m in self.unfoldings(site))
 
@@ -91,6 +97,10 @@ class MatrixFactorization(Factorization):
 
     def __init__(self, means: Mapping[str, np.ndarray] | None = None) -> None:
         self.means = dict(means or {})
+
+    def inputs_on_rows(self, site: Site) -> bool:
+        # x @ W; W @ x and a 1x1 conv's (C_out, C_in) kernel hold the inputs on their columns
+        return site.side == "right"
 
     def factors(self, site: Site, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``matrix ~= left @ right`` with ``rank`` columns in ``left``."""

@@ -53,6 +53,9 @@ class SpatialSVDConv(Factorization):
             flops = 2 * n * rank * (h_out * w * c_in * kh + h_out * w_out * c_out * kw)
         return Cost(rank * (c_in * kh + c_out * kw) + site.bias_params, flops)
 
+    def inputs_on_rows(self, site: Site) -> bool:
+        return True  # M[(c, i), (o, j)]: input channel and kernel row on the rows
+
     def kernels(self, site: Site, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """The vertical and horizontal kernels (``decompositions.spatial_svd``)."""
         return spatial_svd(site.weight, rank)

@@ -44,6 +44,17 @@ from lrdeploy.passes.svd_matmul import SVDMatMul
 from lrdeploy.sites import Site
 
 
+def whitened_unfolding(matrix: np.ndarray, gram: np.ndarray | None, inputs_on_rows: bool
+                       ) -> np.ndarray:
+    """``R M`` with ``R^T R = gram``, the input features' side of ``matrix`` whitened (its
+    spectrum sets the data-aware ranks); ``matrix`` as it is without a ``gram``."""
+    if gram is None:
+        return matrix
+    if inputs_on_rows:
+        return whitening(gram) @ matrix
+    return (whitening(gram) @ matrix.T).T
+
+
 class WhitenedSVD(MatrixFactorization):
     """Mixin over an SVD rule; ``grams`` and ``means`` map a site name to ``X^T X`` and the mean
     of its input features."""
@@ -55,23 +66,15 @@ class WhitenedSVD(MatrixFactorization):
         super().__init__(means)
         self.grams = dict(grams or {})
 
-    def _input_on_rows(self, site: Site) -> bool:
-        return site.side == "right"
-
     def unfoldings(self, site: Site) -> list[np.ndarray]:
         (matrix,) = super().unfoldings(site)
-        gram = self.grams.get(site.name)
-        if gram is None:
-            return [matrix]
-        if self._input_on_rows(site):
-            return [whitening(gram) @ matrix]
-        return [(whitening(gram) @ matrix.T).T]
+        return [whitened_unfolding(matrix, self.grams.get(site.name), self.inputs_on_rows(site))]
 
     def factors(self, site: Site, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         gram = self.grams.get(site.name)
         if gram is None:
             return super().factors(site, matrix, rank)
-        if self._input_on_rows(site):
+        if self.inputs_on_rows(site):
             return whitened_svd_factors(matrix, gram, rank)
         left, right = whitened_svd_factors(matrix.T, gram, rank)
         return right.T, left.T
@@ -86,7 +89,7 @@ class WhitenedSVDConv1x1(WhitenedSVD, SVDConv1x1):
 
 
 class WhitenedSpatialSVDConv(SpatialSVDConv):
-    """Spatial SVD fitted to calibration data; ``grams`` maps a site name to ``P^T P`` of its
+    """Spatial SVD fitted to calibration data; ``grams`` maps a site name to ``X^T X`` of its
     vertical input patches (see the module doc)."""
 
     method = "wspatial"
@@ -96,8 +99,7 @@ class WhitenedSpatialSVDConv(SpatialSVDConv):
 
     def unfoldings(self, site: Site) -> list[np.ndarray]:
         (matrix,) = super().unfoldings(site)
-        gram = self.grams.get(site.name)
-        return [matrix if gram is None else whitening(gram) @ matrix]
+        return [whitened_unfolding(matrix, self.grams.get(site.name), self.inputs_on_rows(site))]
 
     def kernels(self, site: Site, rank: int) -> tuple[np.ndarray, np.ndarray]:
         return spatial_svd(site.weight, rank, self.grams.get(site.name))

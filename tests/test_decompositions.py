@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tensorly as tl
+from onnx import helper, numpy_helper
 
+from conftest import make_model, run_cli, tensor_value
 from lrdeploy.decompositions import (
     effective_rank,
     energy_rank,
@@ -52,10 +56,14 @@ def test_energy_rank_counts_squared_singular_values():
     assert energy_rank(s, 1.0) == 3
 
 
-def test_evbmf_recovers_the_rank_of_a_noisy_low_rank_matrix():
-    rng = np.random.default_rng(3)
+def noisy_rank_six() -> np.ndarray:
+    """A 120 x 200 matrix of rank 6 (singular values 40 to 20) plus Gaussian noise (sd 0.3)."""
     signal = matrix_with_spectrum(np.linspace(40, 20, 6), 120, 200, seed=3)
-    noisy = signal + 0.3 * rng.standard_normal(signal.shape)
+    return signal + 0.3 * np.random.default_rng(3).standard_normal(signal.shape)
+
+
+def test_evbmf_recovers_the_rank_of_a_noisy_low_rank_matrix():
+    noisy = noisy_rank_six()
     assert evbmf_rank(singular_values(noisy), noisy.shape) == 6
     assert evbmf_rank(singular_values(noisy.T), noisy.T.shape) == 6
 
@@ -94,15 +102,7 @@ def test_spatial_svd_exact_at_full_rank():
 
 
 def test_analyze_reports_the_evbmf_rank_of_a_site(tmp_path):
-    import json
-
-    from onnx import helper, numpy_helper
-
-    from conftest import make_model, run_cli, tensor_value
-
-    rng = np.random.default_rng(3)
-    signal = matrix_with_spectrum(np.linspace(40, 20, 6), 120, 200, seed=3)
-    noisy = (signal + 0.3 * rng.standard_normal(signal.shape)).astype(np.float32)
+    noisy = noisy_rank_six().astype(np.float32)
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
                        [tensor_value("x", [1, 120])], ["y"], [numpy_helper.from_array(noisy, "w")])
     path = tmp_path / "planted.onnx"
