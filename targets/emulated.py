@@ -117,7 +117,7 @@ def free_port() -> int:
 
 @dataclass
 class Service:
-    """A server or tracker process group started here, with its log."""
+    """A server or tracker process group started here, with its log (removed when stopped)."""
 
     name: str
     process: subprocess.Popen
@@ -133,7 +133,11 @@ class Service:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> None:
-        """End the whole process group (the server's forked workers included)."""
+        """End the whole process group (the server's forked workers included) and remove its log."""
+        self._end_group()
+        self.log.unlink(missing_ok=True)
+
+    def _end_group(self) -> None:
         if self.process.poll() is None:
             _signal_group(self.process.pid, signal.SIGTERM)
             try:
@@ -178,8 +182,9 @@ def _start(name: str, command: list[str], env: dict, port: int, ready: str) -> S
     deadline = time.monotonic() + READY_TIMEOUT_S
     while ready not in service.log_text():
         if process.poll() is not None or time.monotonic() > deadline:
+            last_words = service.log_text().strip()[-300:]
             service.stop()
-            raise LrdeployError(f"{name} did not start: {service.log_text().strip()[-300:]}")
+            raise LrdeployError(f"{name} did not start: {last_words}")
         time.sleep(0.2)
     return service
 

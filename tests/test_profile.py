@@ -35,6 +35,7 @@ def no_server_left_behind():
     for service in STARTED:
         with pytest.raises(ProcessLookupError):
             os.killpg(service.process.pid, 0)  # the whole group, workers included, is gone
+        assert not service.log.exists()
     leftovers = subprocess.run(["pgrep", "-f", "tvm.exec.(rpc_server|rpc_tracker|popen_worker)"],
                                capture_output=True, text=True).stdout.split()
     assert leftovers == []
