@@ -6,12 +6,46 @@ weight's dtype.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import tensorly as tl
+from cachetools import LRUCache, cached
 from scipy.linalg import solve_triangular
 from scipy.optimize import minimize_scalar
 from tensorly.decomposition import partial_tucker, tensor_train_matrix
 from tensorly.tt_matrix import tt_matrix_to_tensor
+
+# The same matrix is factorized again and again: the planner builds every candidate rank of a
+# site (to key its latency, to measure its error), and a benchmark applies whole plans many
+# times; each rank is a truncation of one SVD. Before this cache, SVDs were 35 s of the 124 s
+# the planner took to prepare MiniLM-L6. Bounded in bytes: MiniLM-L6's 36 sites, plain and
+# whitened, held 380 MB when it planned.
+CACHE_BYTES = 512 * 2**20
+
+
+def _content_key(*arrays: np.ndarray, **options: float) -> tuple:
+    """Shapes, dtypes and a digest of the values: equal arrays share a cache entry."""
+    arrays = tuple(np.ascontiguousarray(a) for a in arrays)
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        digest.update(array)
+    return (tuple((a.shape, a.dtype.str) for a in arrays), digest.digest(),
+            tuple(sorted(options.items())))
+
+
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for array in arrays:
+        array.flags.writeable = False  # shared by every caller of the cache
+    return arrays
+
+
+@cached(LRUCache(CACHE_BYTES, getsizeof=lambda arrays: sum(a.nbytes for a in arrays)),
+        key=_content_key)
+def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``u, s, vt`` of ``matrix`` (float64, ``full_matrices=False``), cached by content and
+    read-only."""
+    return _read_only(*np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False))
 
 
 def singular_values(matrix: np.ndarray) -> np.ndarray:
@@ -40,9 +74,17 @@ def svd_factors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     .. [1] C. Eckart, G. Young, "The approximation of one matrix by another of lower rank",
        Psychometrika 1(3), 1936.
     """
-    u, s, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    u, s, vt = thin_svd(matrix)
     root = np.sqrt(s[:rank])
     return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+@cached(LRUCache(CACHE_BYTES // 8, getsizeof=lambda arrays: arrays[0].nbytes),
+        key=_content_key)
+def _cached_whitening(gram: np.ndarray, damping: float) -> tuple[np.ndarray]:
+    gram = np.asarray(gram, dtype=np.float64)
+    scale = float(np.mean(np.diag(gram))) or 1.0
+    return _read_only(np.linalg.cholesky(gram + damping * scale * np.eye(len(gram))).T)
 
 
 def whitening(gram: np.ndarray, damping: float = 1e-6) -> np.ndarray:
@@ -50,11 +92,10 @@ def whitening(gram: np.ndarray, damping: float = 1e-6) -> np.ndarray:
 
     For activations X (rows are samples) with ``gram = X^T X``, ``||X A||_F = ||R A||_F`` for
     every A. The damping keeps R invertible when some input features are (nearly) constant
-    zero, e.g. channels a ReLU never opens on the calibration data.
+    zero, e.g. channels a ReLU never opens on the calibration data. Cached by content and
+    read-only, as ``thin_svd``.
     """
-    gram = np.asarray(gram, dtype=np.float64)
-    scale = float(np.mean(np.diag(gram))) or 1.0
-    return np.linalg.cholesky(gram + damping * scale * np.eye(len(gram))).T
+    return _cached_whitening(gram, damping=damping)[0]
 
 
 def whitened_singular_values(matrix: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -95,7 +136,7 @@ def whitened_svd_factors(
        Classification and Detection", TPAMI 38(10), 2016 (the same objective for conv layers).
     """
     whiten = whitening(gram)
-    u, s, vt = np.linalg.svd(whiten @ np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    u, s, vt = thin_svd(whiten @ np.asarray(matrix, dtype=np.float64))
     root = np.sqrt(s[:rank])
     left = solve_triangular(whiten, u[:, :rank] * root, lower=False)
     return left, root[:, None] * vt[:rank]
@@ -115,7 +156,7 @@ def svd_output_errors(matrix: np.ndarray, gram: np.ndarray, fit_gram: np.ndarray
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     whiten = None if fit_gram is None else whitening(fit_gram)
-    u, s, _ = np.linalg.svd(matrix if whiten is None else whiten @ matrix, full_matrices=False)
+    u, s, _ = thin_svd(matrix if whiten is None else whiten @ matrix)
     if whiten is not None:
         u = solve_triangular(whiten, u, lower=False)
     # u_i^T gram u_i for every i at once, through one matrix product (a three-operand einsum

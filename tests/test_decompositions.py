@@ -17,7 +17,9 @@ from lrdeploy.decompositions import (
     singular_values,
     spatial_svd,
     svd_factors,
+    thin_svd,
     tucker2,
+    whitened_svd_factors,
 )
 
 
@@ -75,6 +77,23 @@ def test_svd_factors_exact_at_full_rank_and_optimal_when_truncated():
     left, right = svd_factors(m, 2)
     s = singular_values(m)
     assert np.linalg.norm(m - left @ right) == pytest.approx(np.sqrt(np.sum(s[2:] ** 2)))
+
+
+def test_cached_factors_follow_the_matrix_values_not_the_array():
+    m = np.random.default_rng(5).standard_normal((9, 5))
+    svd_factors(m, 2)
+    m[0, 0] += 3.0  # the same array, changed in place: its cached SVD must not be served
+    left, right = svd_factors(m, 2)
+    assert np.linalg.norm(m - left @ right) == pytest.approx(
+        np.sqrt(np.sum(singular_values(m)[2:] ** 2)))
+    gram = np.eye(9)
+    whitened_svd_factors(m, gram, 2)
+    gram[1, 1] = 50.0
+    left, right = whitened_svd_factors(m, gram, 2)
+    assert not np.allclose(left @ right, svd_factors(m, 2)[0] @ svd_factors(m, 2)[1])
+    u, _, _ = thin_svd(m)
+    with pytest.raises(ValueError):
+        u[0, 0] = 1.0  # one cached array serves every caller
 
 
 def test_tucker2_exact_at_full_ranks():
