@@ -20,7 +20,8 @@ from tensorly.tt_matrix import tt_matrix_to_tensor
 # site (to key its latency, to measure its error), and a benchmark applies whole plans many
 # times; each rank is a truncation of one SVD. Before this cache, SVDs were 35 s of the 124 s
 # the planner took to prepare MiniLM-L6. Bounded in bytes: MiniLM-L6's 36 sites, plain and
-# whitened, held 380 MB when it planned.
+# whitened, held 380 MB when it planned. A long-lived process that is done factorizing can
+# free it with ``thin_svd.cache_clear()``.
 CACHE_BYTES = 512 * 2**20
 
 
