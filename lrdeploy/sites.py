@@ -239,6 +239,18 @@ def classify(node: ir.Node, shapes: Mapping[str, tuple[int, ...]]) -> Site | Ski
     )
 
 
+def weight_operand(node: ir.Node) -> ir.Value | None:
+    """The constant operand ``classify`` reads a site's weight from (None when there is none)."""
+    index = _weight_input_index(node)
+    return None if index is None else node.inputs[index]
+
+
+def as_operand(node: ir.Node, weight: np.ndarray) -> np.ndarray:
+    """A weight oriented as ``Site.weight``, laid out as ``node``'s weight operand (the inverse
+    of ``classify``: a Gemm's ``transB`` is applied again)."""
+    return weight.T if node.op_type == "Gemm" and _int_attr(node, "transB", 0) else weight
+
+
 def _weight_input_index(node: ir.Node) -> int | None:
     if node.op_type == "Conv":
         return 1 if constant_array(node.inputs[1]) is not None else None

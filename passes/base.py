@@ -47,6 +47,13 @@ class Factorization:
         """Replace ``node`` in ``graph`` by the factorized chain (in place, on a copy)."""
         raise NotImplementedError
 
+    def approximation(self, site: Site, ranks: Sequence[int]) -> np.ndarray:
+        """The weight, shaped as ``site.weight``, that the chain ``rewrite`` builds applies:
+        the site's operator with this weight computes what the chain does, up to rounding (and
+        before any bias correction). The planner measures a candidate's model error by feeding
+        it in place of the weight, without building the chain."""
+        raise NotImplementedError
+
     def inputs_on_rows(self, site: Site) -> bool:
         """Whether ``unfoldings(site)[0]`` holds the site's input features on its rows
         (``y = x @ M``), which is what whitening by the inputs' ``X^T X`` multiplies; rules
@@ -102,9 +109,18 @@ class MatrixFactorization(Factorization):
         # x @ W; W @ x and a 1x1 conv's (C_out, C_in) kernel hold the inputs on their columns
         return site.side == "right"
 
+    def matrix(self, site: Site) -> np.ndarray:
+        """The matrix ``rewrite`` splits: ``matrix(site) ~= left @ right``."""
+        raise NotImplementedError
+
     def factors(self, site: Site, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``matrix ~= left @ right`` with ``rank`` columns in ``left``."""
         return svd_factors(matrix, rank)
+
+    def approximation(self, site: Site, ranks: Sequence[int]) -> np.ndarray:
+        (rank,) = ranks
+        left, right = self.factors(site, self.matrix(site), rank)
+        return (left @ right).reshape(site.weight.shape)
 
     def corrects_bias(self, site: Site) -> bool:
         return site.name in self.means and bool(site.bias_params or site.bias_follows)

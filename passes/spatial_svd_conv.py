@@ -60,6 +60,11 @@ class SpatialSVDConv(Factorization):
         """The vertical and horizontal kernels (``decompositions.spatial_svd``)."""
         return spatial_svd(site.weight, rank)
 
+    def approximation(self, site: Site, ranks: Sequence[int]) -> np.ndarray:
+        (rank,) = ranks
+        vertical, horizontal = self.kernels(site, rank)
+        return np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0, :])
+
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "spatial", 2)
         (rank,) = ranks

@@ -39,6 +39,9 @@ class SVDConv1x1(MatrixFactorization):
     def unfoldings(self, site: Site) -> list[np.ndarray]:
         return [site.weight[:, :, 0, 0]]
 
+    def matrix(self, site: Site) -> np.ndarray:
+        return site.weight[:, :, 0, 0]
+
     def corrects_bias(self, site: Site) -> bool:
         padded = any(site.pads) or site.auto_pad not in ("NOTSET", "VALID")
         return super().corrects_bias(site) and not padded
@@ -55,14 +58,14 @@ class SVDConv1x1(MatrixFactorization):
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "svd", 2)
         (rank,) = ranks
-        u, v = self.factors(site, site.weight[:, :, 0, 0], rank)
+        u, v = self.factors(site, self.matrix(site), rank)
         weight_value = node.inputs[1]
         reduce = add_initializer(graph, f"{site.name}/svd_V", v[:, :, None, None], weight_value)
         expand = add_initializer(graph, f"{site.name}/svd_U", u[:, :, None, None], weight_value)
         first = conv_node(names[0], node.inputs[0], reduce, None, (1, 1),
                           site.strides, site.pads, auto_pad=site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        shift = self.output_shift(site, (site.weight[:, :, 0, 0] - u @ v).T)
+        shift = self.output_shift(site, (self.matrix(site) - u @ v).T)
         if shift is not None:
             bias = shifted_bias(graph, f"{site.name}/svd_b", bias, shift)
         second = conv_node(names[1], first.outputs[0], expand, bias, (1, 1))

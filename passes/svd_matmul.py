@@ -41,6 +41,9 @@ class SVDMatMul(MatrixFactorization):
     def unfoldings(self, site: Site) -> list[np.ndarray]:
         return [site.weight]
 
+    def matrix(self, site: Site) -> np.ndarray:
+        return site.weight
+
     def cost(self, site: Site, ranks: Sequence[int]) -> Cost:
         (rank,) = ranks
         rows, cols = site.weight.shape
@@ -51,7 +54,7 @@ class SVDMatMul(MatrixFactorization):
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "svd", 2)
         (rank,) = ranks
-        left, right = self.factors(site, site.weight, rank)
+        left, right = self.factors(site, self.matrix(site), rank)
         weight_value = node.inputs[1] if site.side == "right" else node.inputs[0]
         u = add_initializer(graph, f"{site.name}/svd_U", left, weight_value)
         v = add_initializer(graph, f"{site.name}/svd_V", right, weight_value)
@@ -61,7 +64,7 @@ class SVDMatMul(MatrixFactorization):
             replace_node(graph, node, [first, second])
             return
         first = ir.node("MatMul", [node.inputs[0], u], name=names[0])
-        shift = self.output_shift(site, site.weight - left @ right)
+        shift = self.output_shift(site, self.matrix(site) - left @ right)
         if node.op_type == "Gemm":
             alpha = node.attributes.get_float("alpha", 1.0)
             beta = node.attributes.get_float("beta", 1.0)

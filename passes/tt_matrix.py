@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lrdeploy.decompositions import tt_matrix
+from lrdeploy.decompositions import tt_matrix, tt_matrix_dense
 from lrdeploy.passes.base import Cost, Factorization, add_initializer, replace_node
 from lrdeploy.sites import Site
 from lrdeploy.tensorize import ChainBuilder, TTLayout, build_chain, contraction_steps, flop_cost
@@ -45,12 +45,18 @@ class TTMatrix(Factorization):
             flop_cost(vectors)(step) for step in contraction_steps(ranks)))
         return Cost(ranks.params + site.bias_params, flops)
 
-    def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: TTLayout) -> None:
-        layout = ranks
+    def cores(self, site: Site, layout: TTLayout) -> list[np.ndarray]:
         problem = layout.problem(*site.weight.shape)
         if problem:
             raise ValueError(f"site '{site.name}': TT layout {problem}")
-        cores = tt_matrix(site.weight, layout.in_modes, layout.out_modes, layout.ranks)
+        return tt_matrix(site.weight, layout.in_modes, layout.out_modes, layout.ranks)
+
+    def approximation(self, site: Site, ranks: TTLayout) -> np.ndarray:
+        return tt_matrix_dense(self.cores(site, ranks))
+
+    def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: TTLayout) -> None:
+        layout = ranks
+        cores = self.cores(site, layout)
         weight = node.inputs[1]
 
         def add_constant(name: str, array: np.ndarray) -> ir.Value:

@@ -60,9 +60,18 @@ class Tucker2Conv(Factorization):
                                                                     + r_out * c_out))
         return Cost(params, flops)
 
+    def factors(self, site: Site, ranks: Sequence[int]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``core`` (r_out, r_in, kh, kw), ``u_out`` (C_out, r_out), ``u_in`` (C_in, r_in)."""
+        return tucker2(site.weight, (ranks[0], ranks[1]), self.refine_sweeps)
+
+    def approximation(self, site: Site, ranks: Sequence[int]) -> np.ndarray:
+        core, u_out, u_in = self.factors(site, ranks)
+        return np.einsum("oa,abij,cb->ocij", u_out, core, u_in)
+
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "tucker", 3)
-        core, u_out, u_in = tucker2(site.weight, (ranks[0], ranks[1]), self.refine_sweeps)
+        core, u_out, u_in = self.factors(site, ranks)
         weight_value = node.inputs[1]
         first_w = add_initializer(graph, f"{site.name}/tucker_in", u_in.T[:, :, None, None],
                                   weight_value)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
 import lrdeploy
 from conftest import make_model, tensor_value, weight
+from lrdeploy import runtime
+from lrdeploy.methods import rule_for
+from lrdeploy.sites import as_operand, find_sites, weight_operand
+from lrdeploy.tensorize import TTLayout
 
 
 def _conv(name, x, w, out, **attrs):
@@ -106,3 +112,46 @@ def test_tucker2_first_conv_runs_before_the_stride():
     expected = 2 * 2 * (17 * 15 * 8 * 4 + 9 * 8 * (4 * 4 * 9 + 4 * 12))
     assert site["flops_after"] == expected
     assert site["flops_before"] == 2 * 2 * 9 * 8 * 12 * 8 * 9
+
+
+def _random_gram(size: int) -> np.ndarray:
+    x = np.random.default_rng(size).standard_normal((4 * size, size)) * np.linspace(0.2, 3, size)
+    return x.T @ x
+
+
+APPROXIMATED = [
+    ("matmul_3d_input", "svd", (5,)), ("matmul_3d_input", "wsvd", (5,)),
+    ("matmul_left_constant", "svd", (5,)), ("matmul_left_constant", "wsvd", (5,)),
+    ("gemm_transB_bias_alpha_beta", "svd", (5,)), ("gemm_transB_bias_alpha_beta", "wsvd", (5,)),
+    ("matmul_3d_input", "tt", TTLayout((4, 6), (4, 4), (3,))),
+    ("gemm_transB_bias_alpha_beta", "tt", TTLayout((4, 6), (4, 4), (3,))),
+    ("conv1x1_stride2_pad", "svd", (3,)), ("conv1x1_stride2_pad", "wsvd", (3,)),
+    ("conv3x3_stride2_pad", "tucker2", (4, 3)), ("conv3x2_asym_pad_dilation", "tucker2", (4, 3)),
+    ("conv3x3_stride2_pad", "spatial", (4,)), ("conv3x2_asym_pad_dilation", "wspatial", (4,)),
+    ("conv3x3_same_upper_stride2", "wspatial", (4,)),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "ranks"), APPROXIMATED)
+def test_a_rules_approximation_is_the_weight_its_chain_applies(name, method, ranks):
+    """The planner measures a candidate's model error by feeding ``approximation`` in place of
+    the weight: the original operator with it must compute what the rewritten chain does."""
+    model = ir.serde.deserialize_model({**LINEAR_MODELS, **CONV_MODELS}[name])
+    (site,) = find_sites(model).sites
+    inputs = site.weight.shape[0] if site.side == "right" else site.weight.shape[1]
+    if site.is_conv:
+        inputs = site.weight.shape[1] * (site.kernel[0] if "spatial" in method else 1)
+    rule = rule_for(method, site, grams={site.name: _random_gram(inputs)})
+    substituted = model.clone()
+    node = next(n for n in substituted.graph if n.name == site.name)
+    approximation = rule.approximation(site, ranks)
+    assert approximation.shape == site.weight.shape
+    weight_operand(node).const_value = ir.tensor(
+        as_operand(node, approximation).astype(np.float32))
+    (x,) = runtime.graph_inputs(model)
+    feed = {x.name: np.random.default_rng(0).standard_normal(
+        [int(d) for d in x.shape]).astype(np.float32)}
+    dense, chain, fed = (next(iter(runtime.run(runtime.session(m), feed).values()))
+                         for m in (model, rule(model, {site.name: ranks}), substituted))
+    assert np.allclose(fed, chain, rtol=1e-4, atol=1e-4 * np.abs(chain).max())
+    assert not np.allclose(dense, chain, rtol=1e-2)  # the ranks truncate: a real test

@@ -32,8 +32,9 @@ from lrdeploy.decompositions import (
 )
 from lrdeploy.errors import LrdeployWarning
 from lrdeploy.latency import OnnxruntimeLatency, RooflineLatency, TvmLatency, structure_key
+from lrdeploy.methods import rule_for
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
-from lrdeploy.planner import Planner, error_notes, standalone
+from lrdeploy.planner import Planner, WeightSubstitution, error_notes, standalone
 from lrdeploy.search import Frontier, Option
 from lrdeploy.targets.devices import get_device
 
@@ -215,6 +216,32 @@ def _calibration(model_path, tmp_path, count: int = 6):
     path = tmp_path / "calib.npz"
     np.savez(path, x=x)
     return path
+
+
+def test_a_fed_weight_gives_the_outputs_of_the_rewritten_model(mlp, tmp_path, latency_cache):
+    """The planner's single-site model errors feed each candidate's approximation to one
+    session of the dense model instead of rewriting it: the outputs must be the rewritten
+    model's, for plain and whitened factors alike."""
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    split = split_calibration(runtime.load_calibration(_calibration(mlp, tmp_path, 8),
+                                                       analysis.specs))
+    analysis.grams, analysis.means = site_statistics(analysis.model, analysis.sites, split.fit)
+    host = get_device("host")
+    planner = Planner(analysis, host, RooflineLatency(host), split.held_out)
+    substitution = WeightSubstitution(analysis.model, analysis.sites)
+    checked = set()
+    for options in planner.options:
+        site = options.site
+        for candidate in options.candidates[1::4]:
+            rule = rule_for(candidate.method, site, grams=analysis.grams)
+            (fed,) = substitution.outputs(site, rule.approximation(site, candidate.ranks),
+                                          split.held_out[:1])
+            rewritten = planner.apply(Plan([candidate.entry(site.name)]))
+            (expected,) = runtime.run(runtime.session(rewritten), split.held_out[0]).values()
+            assert np.allclose(fed[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+            assert not np.allclose(fed[0], planner.dense_outputs[1][0][0], rtol=1e-3)
+            checked.add(candidate.method)
+    assert checked == {"svd", "wsvd"}
 
 
 def test_budget_is_met_on_host_and_the_latency_cache_is_reused(mlp, tmp_path, latency_cache):
