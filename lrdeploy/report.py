@@ -335,6 +335,11 @@ def _pyplot():
     return plt
 
 
+def _measured_fits(outcome) -> list[dict]:
+    """The plan's attempts that were measured within the budget (their error measured too)."""
+    return [a for a in outcome.attempts if "measured_relative_error" in a]
+
+
 def plot_frontier(outcome, path: str | os.PathLike[str]) -> None:
     """PNG of the Pareto frontier (predicted cost vs predicted error), the budget, the chosen
     plan as predicted and as measured, and the other plans measured within the budget."""
@@ -351,7 +356,7 @@ def plot_frontier(outcome, path: str | os.PathLike[str]) -> None:
     axes.axvline(outcome.dense, color="#8d99ae", linestyle=":", label="dense model")
     axes.plot([outcome.predicted], [outcome.predicted_error], "o", color="#2a9d8f",
               label="chosen plan, predicted")
-    fits = [a for a in outcome.attempts if "measured_relative_error" in a]
+    fits = _measured_fits(outcome)
     axes.plot([a["measured"] for a in fits], [a["measured_relative_error"] for a in fits], "+",
               color="#8d99ae", ms=8, label="plans measured within the budget")
     axes.plot([outcome.measured], [outcome.measured_error], "x", color="#e9c46a", ms=10,
@@ -390,7 +395,7 @@ def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
     # The additive prediction can read far above 1 where the measured error is near 1
     # (MobileNetV2: predicted 3.73, measured 0.96), so every measured error is shown beside it.
     measured = ", ".join(f"{a['measured']:.4g} {unit} -> error {a['measured_relative_error']:.4g}"
-                         for a in outcome.attempts if "measured_relative_error" in a)
+                         for a in _measured_fits(outcome))
     console.print("predicted error: the sites' errors added (e^2 = sum of e_s^2), which "
                   "overstates large errors; plans measured within the budget: "
                   f"{measured or 'none'}")

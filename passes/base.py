@@ -113,6 +113,9 @@ class MatrixFactorization(Factorization):
         """The matrix ``rewrite`` splits: ``matrix(site) ~= left @ right``."""
         raise NotImplementedError
 
+    def unfoldings(self, site: Site) -> list[np.ndarray]:
+        return [self.matrix(site)]
+
     def factors(self, site: Site, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``matrix ~= left @ right`` with ``rank`` columns in ``left``."""
         return svd_factors(matrix, rank)

@@ -36,9 +36,6 @@ class SVDConv1x1(MatrixFactorization):
     def applies(self, site: Site) -> bool:
         return site.is_conv and site.kernel == (1, 1)
 
-    def unfoldings(self, site: Site) -> list[np.ndarray]:
-        return [site.weight[:, :, 0, 0]]
-
     def matrix(self, site: Site) -> np.ndarray:
         return site.weight[:, :, 0, 0]
 

@@ -38,9 +38,6 @@ class SVDMatMul(MatrixFactorization):
     def applies(self, site: Site) -> bool:
         return not site.is_conv
 
-    def unfoldings(self, site: Site) -> list[np.ndarray]:
-        return [site.weight]
-
     def matrix(self, site: Site) -> np.ndarray:
         return site.weight
 
