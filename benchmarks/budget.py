@@ -354,6 +354,34 @@ def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float
 
 # -- the run -----------------------------------------------------------------------------------
 
+def beside_dense(latency: OnnxruntimeLatency, dense: ir.Model, feed: runtime.Feeds
+                 ) -> tuple[float, Callable[[ir.Model], float]]:
+    """The dense model's time, and a timing of any model as the planner times a plan: beside
+    the dense model, the ratio scaled to that time."""
+    dense_ms = latency.side_by_side_ms([dense], feed)[0]
+
+    def measure(model: ir.Model) -> float:
+        model_ms, reference_ms = latency.pair_ms(model, dense, feed)
+        return model_ms / reference_ms * dense_ms
+
+    return dense_ms, measure
+
+
+def make_planners(task: Task, latency: OnnxruntimeLatency, error_feeds: int
+                  ) -> dict[str, Planner]:
+    """The plain-SVD and the data-aware planner on ``--target host``, both with the calibration
+    statistics of the first three quarters of the samples and measuring model errors on (at
+    most ``error_feeds`` of) the last quarter."""
+    plain = task.analysis
+    aware = dataclasses.replace(plain, _spectra={})
+    split = split_calibration(task.calib)
+    aware.grams, aware.means = site_statistics(plain.model, plain.sites, split.fit)
+    probe = split.held_out[:error_feeds]
+    return {how: Planner(aware, latency.device, latency, probe, data_aware=data_aware,
+                         error_feeds=len(probe))
+            for how, data_aware in (("planner svd", False), ("planner wsvd", True))}
+
+
 def run_task(task: Task, fractions: list[float], threads: int | None, error_feeds: int
              ) -> list[dict]:
     device = get_device("host")
@@ -361,24 +389,11 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
     started = time.time()
     print(f"\n== {task.name}: {len(task.analysis.sites)} sites", flush=True)
     plain = task.analysis
-    aware = dataclasses.replace(plain, _spectra={})
-    split = split_calibration(task.calib)
-    aware.grams, aware.means = site_statistics(plain.model, plain.sites, split.fit)
     latency = OnnxruntimeLatency(device, threads=threads)
-    dense_ms = latency.side_by_side_ms([plain.model], feed)[0]
+    dense_ms, measure = beside_dense(latency, plain.model, feed)
     print(f"dense onnxruntime {dense_ms:.3f} ms", flush=True)
-
-    def measure(model: ir.Model) -> float:
-        model_ms, reference_ms = latency.pair_ms(model, plain.model, feed)
-        return model_ms / reference_ms * dense_ms
-
-    probe = split.held_out[:error_feeds]
-    planners = {
-        "planner svd": Planner(aware, device, latency, probe, data_aware=False,
-                               error_feeds=len(probe)),
-        "planner wsvd": Planner(aware, device, latency, probe, data_aware=True,
-                                error_feeds=len(probe)),
-    }
+    planners = make_planners(task, latency, error_feeds)
+    aware = planners["planner wsvd"].analysis
     print(f"candidates and sensitivities ready ({time.time() - started:.0f} s)", flush=True)
     configs: list[dict] = [{"budget": None, "how": "dense ONNX", "model": plain.model}]
     for fraction in fractions:
