@@ -19,9 +19,12 @@ model's latency), ``--plans`` plans of each way with latencies spread over [B - 
 
 Each plan is timed beside the dense model and scored as budget.py scores it. Printed: every plan
 (knob or predicted latency, measured latency vs dense, the fidelity columns); then, for each way,
-each column's mean and standard deviation over its plans measured within the window; then each
-planner's mean less each baseline's, ± (sd1^2/n1 + sd2^2/n2)^(1/2). Plans of one way are not
-independent draws, so that spread is a guide to scale, not a test.
+each column's mean and standard deviation over its plans measured within the window, and each
+planner's mean less each baseline's, ± (sd1^2/n1 + sd2^2/n2)^(1/2) (plans of one way are not
+independent draws: that spread is a guide to scale, not a test); then each column at the
+window's middle on a least-squares line in measured latency through each way's plans, and the
+planners less the baselines there: the ways at one latency, where their plans bunch at
+different ends of the window.
 """
 
 from __future__ import annotations
@@ -120,6 +123,34 @@ def summarise(rows: list[dict], budget: float, window: float) -> None:
                 (m1, s1, n1), (m2, s2, n2) = spread[how][column], spread[baseline][column]
                 cells.append(f"{column} {m1 - m2:+.4f} ± {(s1**2 / n1 + s2**2 / n2) ** 0.5:.4f}")
             print(f"{how:<13} vs {baseline:<15} " + "   ".join(cells))
+    # The ways' plans spread differently over the window (a baseline's bisected knobs can bunch
+    # at one end), so means compare plans of different latencies; a line in latency through
+    # each way's plans compares them at one latency.
+    middle = budget - window / 2
+    matched = {how: {c: _line_at([r["vs_dense"] for r in rs], [r[c] for r in rs], middle,
+                                 window / 2)
+                     for c in columns}
+               for how, rs in inside.items()}
+    print(f"\neach column at {middle:.0%} of the dense latency, on a least-squares line in "
+          "measured latency through each way's plans within the window; where they span less "
+          "than half of it, their mean (marked *); planner - baseline there")
+    for how, rs in inside.items():
+        spans = max(r["vs_dense"] for r in rs) - min(r["vs_dense"] for r in rs) >= window / 2
+        print(f"{how + ('' if spans else ' *'):<16} "
+              + "   ".join(f"{c} {v:.4f}" for c, v in matched[how].items()))
+    for how in (h for h in matched if h.startswith("planner")):
+        for baseline in (h for h in matched if not h.startswith("planner")):
+            print(f"{how:<13} vs {baseline:<15} " + "   ".join(
+                f"{c} {matched[how][c] - matched[baseline][c]:+.4f}" for c in columns))
+
+
+def _line_at(xs: list[float], ys: list[float], x: float, least_span: float) -> float:
+    """The least-squares line through (xs, ys) at x; the mean of ys where the xs span less than
+    ``least_span`` (a line through a bunch extrapolates its noise)."""
+    if max(xs) - min(xs) < least_span:
+        return statistics.mean(ys)
+    slope, intercept = np.polyfit(xs, ys, 1)
+    return float(slope * x + intercept)
 
 
 def main() -> None:
