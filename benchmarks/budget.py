@@ -327,6 +327,23 @@ def greedy_plan(analysis: ModelAnalysis, mac_fraction: float, lanes: int) -> Pla
     return Plan(entries)
 
 
+class Baseline(NamedTuple):
+    """A baseline way of choosing ranks: its plan at a knob value, the knob's range, and its
+    rows' name with the knob (a ``str.format`` pattern)."""
+
+    make: Callable[[float], Plan]
+    low: float
+    high: float
+    label: str
+
+
+def baselines(analysis: ModelAnalysis, lanes: int) -> dict[str, Baseline]:
+    return {"uniform energy": Baseline(lambda e: uniform_plan(analysis, e), 0.3, 0.999,
+                                       "uniform energy:{:.3f}"),
+            "greedy MACs": Baseline(lambda f: greedy_plan(analysis, f, lanes), 0.05, 1.0,
+                                    "greedy MACs {:.2f}")}
+
+
 def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float,
            measure: Callable[[ir.Model], float], low: float, high: float) -> tuple[Plan, float]:
     """The plan at the largest knob value in [low, high] whose measured latency is within the
@@ -398,14 +415,11 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
     configs: list[dict] = [{"budget": None, "how": "dense ONNX", "model": plain.model}]
     for fraction in fractions:
         budget = fraction * dense_ms
-        plan, energy = bisect(lambda e: uniform_plan(plain, e), plain, budget, measure, 0.3,
-                              0.999)
-        configs.append({"budget": fraction, "how": f"uniform energy:{energy:.3f}",
-                        "model": apply_plan(plain.model, plan, plain.sites)})
-        plan, macs = bisect(lambda f: greedy_plan(plain, f, device.simd_lanes), plain, budget,
-                            measure, 0.05, 1.0)
-        configs.append({"budget": fraction, "how": f"greedy MACs {macs:.2f}",
-                        "model": apply_plan(plain.model, plan, plain.sites)})
+        for baseline in baselines(plain, device.simd_lanes).values():
+            plan, knob = bisect(baseline.make, plain, budget, measure, baseline.low,
+                                baseline.high)
+            configs.append({"budget": fraction, "how": baseline.label.format(knob),
+                            "model": apply_plan(plain.model, plan, plain.sites)})
         for how, planner in planners.items():
             try:
                 outcome = planner.solve("ms", fraction, relative=True)

@@ -31,19 +31,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 
 import numpy as np
 import onnx_ir as ir
 from budget import (
     Task,
+    baselines,
     beside_dense,
     bisect,
-    greedy_plan,
     make_planners,
     minilm_task,
     mobilenet_task,
-    uniform_plan,
 )
 
 from lrdeploy.latency import OnnxruntimeLatency
@@ -68,9 +68,8 @@ def sweep(task: Task, budget: float, window: float, count: int, threads: int | N
         rows.append(row)
         print_row(row)
 
-    baselines = {"uniform energy": (lambda e: uniform_plan(plain, e), 0.3, 0.999),
-                 "greedy MACs": (lambda f: greedy_plan(plain, f, device.simd_lanes), 0.05, 1.0)}
-    for how, (make, low, high) in baselines.items():
+    for how, baseline in baselines(plain, device.simd_lanes).items():
+        make, low, high = baseline.make, baseline.low, baseline.high
         _, least = bisect(make, plain, (budget - window) * dense_ms, measure, low, high)
         _, most = bisect(make, plain, budget * dense_ms, measure, low, high)
         for knob in np.linspace(least, most, count):
@@ -94,20 +93,25 @@ def _entries(plan: Plan) -> tuple:
     return tuple((e.site, e.method, tuple(e.ranks)) for e in plan.entries)
 
 
+def _columns(row: dict) -> list[str]:
+    return [k for k in row if k not in ("how", "knob", "vs_dense")]
+
+
 def print_row(row: dict) -> None:
-    columns = [k for k in row if k not in ("how", "knob", "vs_dense")]
+    columns = _columns(row)
     print(f"{row['how']:<24} knob {row['knob']:7.4f} vs dense {row['vs_dense']:6.3f}  "
           + "  ".join(f"{c} {row[c]:.4f}" for c in columns), flush=True)
 
 
 def summarise(rows: list[dict], budget: float, window: float) -> None:
-    columns = [k for k in rows[0] if k not in ("how", "knob", "vs_dense")]
+    columns = _columns(rows[0])
     inside: dict[str, list[dict]] = {}
     for row in rows:
         if budget - window <= row["vs_dense"] <= budget:
             inside.setdefault(row["how"].removesuffix(" (its plan)"), []).append(row)
     spread = {how: {c: (statistics.mean(r[c] for r in rs),
-                        statistics.stdev(r[c] for r in rs) if len(rs) > 1 else 0.0, len(rs))
+                        statistics.stdev(r[c] for r in rs) if len(rs) > 1 else math.nan,
+                        len(rs))
                     for c in columns}
               for how, rs in inside.items()}
     print(f"\nplans measured within {budget - window:.0%} to {budget:.0%} of the dense latency: "
