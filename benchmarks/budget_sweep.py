@@ -120,39 +120,43 @@ def summarise(rows: list[dict], budget: float, window: float) -> None:
         print(f"{how:<16} " + "   ".join(f"{c} {m:.4f} ± {s:.4f} ({n})"
                                          for c, (m, s, n) in cells.items()))
     print("\nplanner mean - baseline mean, ± (sd1^2/n1 + sd2^2/n2)^(1/2)")
-    for how in (h for h in spread if h.startswith("planner")):
-        for baseline in (h for h in spread if not h.startswith("planner")):
-            cells = []
-            for column in columns:
-                (m1, s1, n1), (m2, s2, n2) = spread[how][column], spread[baseline][column]
-                cells.append(f"{column} {m1 - m2:+.4f} ± {(s1**2 / n1 + s2**2 / n2) ** 0.5:.4f}")
-            print(f"{how:<13} vs {baseline:<15} " + "   ".join(cells))
+    for how, baseline in _planner_baseline_pairs(spread):
+        cells = []
+        for column in columns:
+            (m1, s1, n1), (m2, s2, n2) = spread[how][column], spread[baseline][column]
+            cells.append(f"{column} {m1 - m2:+.4f} ± {(s1**2 / n1 + s2**2 / n2) ** 0.5:.4f}")
+        print(f"{how:<13} vs {baseline:<15} " + "   ".join(cells))
     # The ways' plans spread differently over the window (a baseline's bisected knobs can bunch
     # at one end), so means compare plans of different latencies; a line in latency through
     # each way's plans compares them at one latency.
+    # A line through plans bunched in latency extrapolates their noise: such a way's mean is
+    # used instead.
     middle = budget - window / 2
-    matched = {how: {c: _line_at([r["vs_dense"] for r in rs], [r[c] for r in rs], middle,
-                                 window / 2)
+    spans = {how: max(r["vs_dense"] for r in rs) - min(r["vs_dense"] for r in rs) >= window / 2
+             for how, rs in inside.items()}
+    matched = {how: {c: _line_at([r["vs_dense"] for r in rs], [r[c] for r in rs], middle)
+                        if spans[how] else statistics.mean(r[c] for r in rs)
                      for c in columns}
                for how, rs in inside.items()}
     print(f"\neach column at {middle:.0%} of the dense latency, on a least-squares line in "
           "measured latency through each way's plans within the window; where they span less "
           "than half of it, their mean (marked *); planner - baseline there")
-    for how, rs in inside.items():
-        spans = max(r["vs_dense"] for r in rs) - min(r["vs_dense"] for r in rs) >= window / 2
-        print(f"{how + ('' if spans else ' *'):<16} "
-              + "   ".join(f"{c} {v:.4f}" for c, v in matched[how].items()))
-    for how in (h for h in matched if h.startswith("planner")):
-        for baseline in (h for h in matched if not h.startswith("planner")):
-            print(f"{how:<13} vs {baseline:<15} " + "   ".join(
-                f"{c} {matched[how][c] - matched[baseline][c]:+.4f}" for c in columns))
+    for how, cells in matched.items():
+        print(f"{how + ('' if spans[how] else ' *'):<16} "
+              + "   ".join(f"{c} {v:.4f}" for c, v in cells.items()))
+    for how, baseline in _planner_baseline_pairs(matched):
+        print(f"{how:<13} vs {baseline:<15} " + "   ".join(
+            f"{c} {matched[how][c] - matched[baseline][c]:+.4f}" for c in columns))
 
 
-def _line_at(xs: list[float], ys: list[float], x: float, least_span: float) -> float:
-    """The least-squares line through (xs, ys) at x; the mean of ys where the xs span less than
-    ``least_span`` (a line through a bunch extrapolates its noise)."""
-    if max(xs) - min(xs) < least_span:
-        return statistics.mean(ys)
+def _planner_baseline_pairs(ways: dict[str, dict]) -> list[tuple[str, str]]:
+    """Each planner way with each baseline way, in the order the ways were scored."""
+    planners = [h for h in ways if h.startswith("planner")]
+    return [(how, baseline) for how in planners for baseline in ways if baseline not in planners]
+
+
+def _line_at(xs: list[float], ys: list[float], x: float) -> float:
+    """The least-squares line through (xs, ys) at x."""
     slope, intercept = np.polyfit(xs, ys, 1)
     return float(slope * x + intercept)
 
