@@ -34,9 +34,9 @@ from lrdeploy.errors import LrdeployWarning
 from lrdeploy.latency import OnnxruntimeLatency, RooflineLatency, TvmLatency, structure_key
 from lrdeploy.methods import rule_for
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
-from lrdeploy.planner import Planner, WeightSubstitution, error_notes, standalone
+from lrdeploy.planner import Planner, WeightSubstitution, error_notes, rank_grid, standalone
 from lrdeploy.search import Frontier, Option
-from lrdeploy.targets.devices import get_device
+from lrdeploy.targets.devices import get_device, host_simd_lanes
 
 
 def test_knapsack_is_optimal_on_a_hand_checked_instance():
@@ -68,6 +68,33 @@ def _anisotropic_data(rows: int, features: int, seed: int) -> np.ndarray:
     scales = np.exp(-np.arange(features) / 6.0)  # known covariance: diag(scales^2) rotated
     rotation, _ = np.linalg.qr(rng.standard_normal((features, features)))
     return rng.standard_normal((rows, features)) * scales @ rotation.T
+
+
+def test_rank_grid_keeps_to_the_simd_width():
+    # A rank off the width leaves onnxruntime's blocked convolution layout (see rank_grid), so
+    # every site wider than the width gets multiples of it only: 24 channels at width 16 get 16,
+    # not the 6, 12 and 18 a quarter-rank step would give.
+    for lanes in (4, 8, 16):
+        for full in (24, 32, 96, 144, 160, 384, 1536):
+            grid = rank_grid(full, lanes, hints=[0.37 * full])
+            assert grid and all(r % lanes == 0 and 0 < r < full for r in grid), (lanes, full)
+    assert rank_grid(24, 16) == [16]
+    # A site no wider than the width still has candidates, on a quarter of its rank.
+    assert rank_grid(16, 16) == [4, 8, 12]
+
+
+@pytest.mark.parametrize(("flags", "lanes"), [
+    ("flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512bw", 16),
+    ("flags\t\t: fpu sse sse2 avx avx2 fma", 8),
+    ("flags\t\t: fpu sse sse2 sse4_2", 4),
+    ("Features\t: fp asimd evtstrm aes crc32", 4),
+])
+def test_host_simd_lanes_come_from_the_cpu_flags(tmp_path, flags, lanes):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{flags}\n\nprocessor\t: 1\n{flags}\n")
+    assert host_simd_lanes(cpuinfo) == lanes
+    assert host_simd_lanes(tmp_path / "missing") == 4
+    assert get_device("host").simd_lanes == host_simd_lanes()
 
 
 def test_data_aware_factors_have_smaller_output_error_than_plain_svd():
@@ -554,9 +581,11 @@ def test_bias_correction_removes_the_mean_output_error(tmp_path):
     assert np.abs(conv_error.mean(axis=1)).max() < 1e-3 * np.abs(dense["conv"]).mean()
     assert np.linalg.norm(conv_error) < 0.8 * np.linalg.norm(before["conv"] - dense["conv"])
     # The planner measures its plan both ways and keeps the correction here, where it helps.
+    # A width of 8 whatever the host's, so that half the parameters is reachable (at width 16
+    # these 40-wide sites could go no lower than rank 16).
     analysis.grams, analysis.means = site_statistics(analysis.model, analysis.sites, [feeds])
-    planner = Planner(analysis, get_device("host"), RooflineLatency(get_device("host")),
-                      [feeds], data_aware=False)
+    device = dataclasses.replace(get_device("host"), simd_lanes=8)
+    planner = Planner(analysis, device, RooflineLatency(device), [feeds], data_aware=False)
     outcome = planner.solve("params", 0.5, relative=True)
     assert outcome.plan.bias_correction and outcome.attempts[0]["bias_correction"]
     uncorrected = dataclasses.replace(outcome.plan, bias_correction=False)
