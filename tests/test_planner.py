@@ -93,8 +93,11 @@ def test_host_simd_lanes_come_from_the_cpu_flags(tmp_path, flags, lanes):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\n{flags}\n\nprocessor\t: 1\n{flags}\n")
     assert host_simd_lanes(cpuinfo) == lanes
-    assert host_simd_lanes(tmp_path / "missing") == 4
+
+
+def test_the_host_row_reads_its_width_and_falls_back_to_4(tmp_path):
     assert get_device("host").simd_lanes == host_simd_lanes()
+    assert host_simd_lanes(tmp_path / "missing") == 4
 
 
 def test_data_aware_factors_have_smaller_output_error_than_plain_svd():
