@@ -165,15 +165,22 @@ class OnnxruntimeLatency(LatencyModel):
 
     def pair_ms(self, model, reference, feed, min_time_s: float = 3.0, min_pairs: int = 20):
         """Single runs of the two sessions alternate (ABBA, so neither always runs first), and
-        the model's time is the median ratio within a pair times the reference's median: load
+        the model's time is the median ratio within a pair times the reference's time: load
         on a shared machine comes and goes over tens of milliseconds and hits both runs of a
         pair alike. Measured on this 2-core VM, two fresh sessions of MobileNetV2 compared this
         way differ by about 1%; compared as two medians timed one after the other (the
-        ``side_by_side_ms`` protocol), by 5% and at times more."""
+        ``side_by_side_ms`` protocol), by 5% and at times more.
+
+        The reference's time is then taken from runs back to back, as ``side_by_side_ms`` and a
+        deployed model run it: a run that follows another session's is slower. With two
+        threads, paraphrase-MiniLM-L3's single alternating runs read 1.30 times its runs back
+        to back timed just before (median of 8; 1.03 with one thread), and a planner scaling
+        plans by them saw the dense model slow down by the protocol alone (a 3 ms budget that
+        the dense model meets took 5 attempts and a factorized plan)."""
         sessions = (self._session(model), self._session(reference))
         for session in sessions:
             _warm_up(session, feed)
-        ratios, reference_runs = [], []
+        ratios = []
         started = time.perf_counter()
         while len(ratios) < min_pairs or (time.perf_counter() - started < min_time_s
                                           and len(ratios) < 2000):
@@ -182,8 +189,7 @@ class OnnxruntimeLatency(LatencyModel):
             for index in order:
                 runs[index] = _run_ms(sessions[index], feed)
             ratios.append(runs[0] / runs[1])
-            reference_runs.append(runs[1])
-        reference_ms = statistics.median(reference_runs)
+        reference_ms = time_session(sessions[1], feed, self.min_time_s, self.min_runs)
         return statistics.median(ratios) * reference_ms, reference_ms
 
     def _time(self, models, progress, feed=None):

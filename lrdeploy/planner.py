@@ -444,7 +444,11 @@ class Planner:
             choice = frontier.best(max(target, least) - rest)
             predicted = rest + choice.cost
             if any(a["picks"] == choice.picks for a in attempts):
-                if target <= least:
+                # Loosened (or interpolated) back onto the plan that fits: nothing with less
+                # predicted error is on offer up to this budget. Stepping down past it would
+                # only reach cheaper plans; with a budget far above the dense model's time it
+                # measured the cheapest plan for nothing.
+                if target <= least or (met is not None and choice.picks == met.choice.picks):
                     break
                 target = min(target, predicted) - 0.02 * budget  # step past the repeat
                 continue

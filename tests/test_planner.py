@@ -339,6 +339,22 @@ def test_one_slow_timing_of_the_cheapest_plan_does_not_refuse_the_budget(
     assert outcome.measured == pytest.approx(0.97 * outcome.budget)
 
 
+def test_a_budget_the_dense_model_meets_measures_one_plan(mlp, latency_cache):
+    """Far above the dense model's time the plan keeps every site dense and is the only plan
+    measured: loosening the search finds it again, which ends the search (it once stepped on
+    down to the cheapest plan and measured that too)."""
+    device = get_device("host")
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    latency = BurstyLatency(device, [1.0, 1.0])  # a fit is timed twice; a third would not pop
+    planner = Planner(analysis, device, latency,
+                      [runtime.random_inputs(analysis.model, analysis.specs, 0)])
+    planner.measure_latency()
+    outcome = planner.solve("ms", 100 * planner.dense_model_ms)
+    assert len(outcome.attempts) == 1 and not latency.ratios
+    assert {entry.method for entry in outcome.plan.entries} == {"dense"}
+    assert outcome.measured_error == 0
+
+
 def test_cli_plan_round_trip_and_impossible_budget(mlp, tmp_path, latency_cache):
     plan_path, report = tmp_path / "mlp.plan.json", tmp_path / "report.json"
     done = run_cli("plan", mlp, "--budget-params", "400000", "-o", plan_path,
