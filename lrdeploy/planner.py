@@ -503,10 +503,16 @@ class Planner:
                 f"{predicted:.4g}); the least reachable is about {least:.4g}")
         error, cosine = kept.fidelity or self.model_error(model)
         notes = error_notes(error)
+        if all(entry.method == DENSE for entry in plan.entries):
+            notes.append(f"the dense model meets the budget ({measured:.4g} {unit} against "
+                         f"{budget:g} on {self.device.name}): every site stays dense")
         for note in notes:
             warn(note)
         return PlanOutcome(
-            plan=plan, model=model, kind=kind, budget=budget, dense=self.dense_cost(kind),
+            # A relative budget's plans were scaled to the reference it is a share of: the
+            # dense figure beside them is that one, not the median of later timings.
+            plan=plan, model=model, kind=kind, budget=budget,
+            dense=reference or self.dense_cost(kind),
             predicted=predicted, measured=measured,
             predicted_error=math.sqrt(choice.error), measured_error=error, cosine=cosine,
             engine=self.latency.label if kind == "ms" else "parameter count",

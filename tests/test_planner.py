@@ -285,6 +285,7 @@ def test_budget_is_met_on_host_and_the_latency_cache_is_reused(mlp, tmp_path, la
     outcome = planner.solve("ms", 0.7, relative=True)  # 70% of the dense model's latency
     budget = outcome.budget
     assert budget == pytest.approx(0.7 * reference, rel=1e-9)
+    assert outcome.dense == reference  # the figure the budget and the plans were scaled to
     assert outcome.measured <= budget
     assert outcome.plan.factorized()
     # Of the plans that fit, the one whose real model error is least is kept.
@@ -353,6 +354,7 @@ def test_a_budget_the_dense_model_meets_measures_one_plan(mlp, latency_cache):
     assert len(outcome.attempts) == 1 and not latency.ratios
     assert {entry.method for entry in outcome.plan.entries} == {"dense"}
     assert outcome.measured_error == 0
+    assert any("the dense model meets the budget" in note for note in outcome.notes)
 
 
 def test_cli_plan_round_trip_and_impossible_budget(mlp, tmp_path, latency_cache):
