@@ -503,7 +503,7 @@ class Planner:
                 f"{predicted:.4g}); the least reachable is about {least:.4g}")
         error, cosine = kept.fidelity or self.model_error(model)
         notes = error_notes(error)
-        if all(entry.method == DENSE for entry in plan.entries):
+        if not plan.factorized():
             notes.append(f"the dense model meets the budget ({measured:.4g} {unit} against "
                          f"{budget:g} on {self.device.name}): every site stays dense")
         for note in notes:
