@@ -38,6 +38,10 @@ from lrdeploy.targets.devices import Device
 ENGINES = ("onnxruntime", "tvm", "roofline")
 # Per-node dispatch cost the roofline adds: small kernels are bound by it, not by FLOPs.
 ROOFLINE_LAUNCH_US = 5.0
+# Multi-threaded sessions are compared in turns of runs back to back (see pair_ms): each turn
+# lasts this long (after 3 warm-up runs), and at least this many pairs of turns are timed.
+TURN_S = 0.2
+MIN_TURN_PAIRS = 6
 Progress = Callable[[str], None]
 
 
@@ -164,22 +168,33 @@ class OnnxruntimeLatency(LatencyModel):
         return [min(column) for column in zip(*samples, strict=True)]
 
     def pair_ms(self, model, reference, feed, min_time_s: float = 3.0, min_pairs: int = 20):
-        """Single runs of the two sessions alternate (ABBA, so neither always runs first), and
-        the model's time is the median ratio within a pair times the reference's time: load
-        on a shared machine comes and goes over tens of milliseconds and hits both runs of a
-        pair alike. Measured on this 2-core VM, two fresh sessions of MobileNetV2 compared this
-        way differ by about 1%; compared as two medians timed one after the other (the
-        ``side_by_side_ms`` protocol), by 5% and at times more.
+        """The two sessions take turns (ABBA, so neither always goes first), and the model's
+        time is the median ratio within a pair of turns times the reference's time from runs
+        back to back, as ``side_by_side_ms`` and a deployed model run it: load on a shared
+        machine comes and goes and hits both turns of a pair alike. Measured on this 2-core VM,
+        two fresh sessions of MobileNetV2 compared in single-run turns differ by about 1%;
+        compared as two medians timed one after the other, by 5% and at times more.
 
-        The reference's time is then taken from runs back to back, as ``side_by_side_ms`` and a
-        deployed model run it: a run that follows another session's is slower. With two
+        A turn is a single run only for single-threaded sessions (``threads=1``). A run that
+        follows another session's is slower, and with a pool of threads unevenly so: with two
         threads, paraphrase-MiniLM-L3's single alternating runs read 1.30 times its runs back
-        to back timed just before (median of 8; 1.03 with one thread), and a planner scaling
-        plans by them saw the dense model slow down by the protocol alone (a 3 ms budget that
-        the dense model meets took 5 attempts and a factorized plan)."""
+        to back (median of 8; 1.03 with one thread), and a plan of it read a median 0.660 of
+        the dense model in single-run turns where runs back to back read 0.765 (seven timings
+        of each, interleaved): plans measured within a budget ran over it when deployed. So a
+        multi-threaded turn is ``TURN_S`` of runs back to back after 3 warm-up runs, and at
+        least ``MIN_TURN_PAIRS`` pairs are timed: the same plan then read 0.794 (0.750 to
+        0.832). Shorter turns did not do: 8 runs with the first 2 dropped read 0.59 to 0.87."""
         sessions = (self._session(model), self._session(reference))
         for session in sessions:
             _warm_up(session, feed)
+        if self.threads == 1:
+            def turn(session) -> float:
+                return _run_ms(session, feed)
+        else:
+            min_pairs = MIN_TURN_PAIRS
+
+            def turn(session) -> float:
+                return time_session(session, feed, TURN_S, 3)
         ratios = []
         started = time.perf_counter()
         while len(ratios) < min_pairs or (time.perf_counter() - started < min_time_s
@@ -187,7 +202,7 @@ class OnnxruntimeLatency(LatencyModel):
             order = (0, 1) if len(ratios) % 2 == 0 else (1, 0)
             runs = [0.0, 0.0]
             for index in order:
-                runs[index] = _run_ms(sessions[index], feed)
+                runs[index] = turn(sessions[index])
             ratios.append(runs[0] / runs[1])
         reference_ms = time_session(sessions[1], feed, self.min_time_s, self.min_runs)
         return statistics.median(ratios) * reference_ms, reference_ms

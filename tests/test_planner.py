@@ -524,12 +524,14 @@ def test_latency_threads_are_timed_and_cached_apart(mlp, tmp_path, latency_cache
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_pair_timing_compares_a_model_with_its_reference(mlp, latency_cache):
-    """The plan check's timing (runs of the two alternate, the median ratio within a pair)
-    finds a model level with itself and half the work below the whole."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pair_timing_compares_a_model_with_its_reference(mlp, latency_cache, threads):
+    """The plan check's timing (the two take turns, the median ratio within a pair of turns:
+    single runs with one thread, runs back to back with a pool) finds a model level with
+    itself and half the work below the whole."""
     analysis = analyze_model(lrdeploy.load(mlp).canonical)
     first_layer = standalone(analysis.model, analysis.sites[0])  # half the model's FLOPs
-    latency = OnnxruntimeLatency(get_device("host"), threads=1)
+    latency = OnnxruntimeLatency(get_device("host"), threads=threads)
     feed = runtime.random_inputs(analysis.model, analysis.specs, 0)
     same, reference = latency.pair_ms(analysis.model, analysis.model, feed)
     assert 0.8 < same / reference < 1.25
