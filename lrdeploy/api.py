@@ -276,6 +276,7 @@ class Budget:
     cache: bool = True
     tensor_train: bool = False  # tensor-train layers are candidates too
     threads: int | None = None  # runtime threads for measured latency (None: the runtime's)
+    dtype: str = "float32"  # the precision the model will be compiled at (compile --dtype)
 
     def __post_init__(self) -> None:
         if self.kind not in ("ms", "params"):
@@ -289,7 +290,8 @@ class Budget:
     def __str__(self) -> str:
         flag = "--budget-ms" if self.kind == "ms" else "--budget-params"
         value = f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
-        return f"{flag} {value} --target {self.target}"
+        dtype = f" --dtype {self.dtype}" if self.dtype != "float32" else ""
+        return f"{flag} {value} --target {self.target}{dtype}"
 
 
 def plan_for_budget(
@@ -324,11 +326,12 @@ def _search(analysis: ModelAnalysis, budget: Budget, calib_feeds, samples: int, 
             progress: Progress) -> PlanOutcome:
     from lrdeploy.latency import latency_model
     from lrdeploy.planner import Planner
-    from lrdeploy.targets.devices import get_device
+    from lrdeploy.targets.devices import check_dtype, get_device
 
     if not analysis.sites:
         raise LrdeployError("the model has no factorizable sites: nothing to plan")
     device = get_device(budget.target, budget.device_file)
+    check_dtype(device, budget.dtype)
     if calib_feeds is None:
         warn("no calibration data (--calib): factors are not data-aware and errors are "
              "measured on random inputs")
@@ -337,7 +340,7 @@ def _search(analysis: ModelAnalysis, budget: Budget, calib_feeds, samples: int, 
     else:
         feeds = calib_feeds[: max(samples, 1)]
     latency = latency_model(device, budget.engine, budget.rpc, budget.tracker, budget.key,
-                            budget.cache, budget.device_file, budget.threads)
+                            budget.cache, budget.device_file, budget.threads, budget.dtype)
     methods = ("svd", "tucker2", "spatial", *(("tt",) if budget.tensor_train else ()))
     planner = Planner(analysis, device, latency, feeds, methods=methods,
                       data_aware=budget.data_aware, progress=progress)

@@ -25,6 +25,7 @@ from lrdeploy.report import (
     print_profile,
     print_verification,
 )
+from lrdeploy.targets.devices import DTYPES
 
 MODEL_HELP = ("an .onnx file (external data must sit in its folder), or FILE.py:FACTORY, a "
               "function returning a torch.nn.Module (traced with --input-shape)")
@@ -129,6 +130,10 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
         group.add_argument("--target", default="host",
                            help="device the budget is for (lrdeploy targets); default host")
         group.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
+        _add_dtype_option(group, "the precision the model will be compiled at (compile "
+                                 "--dtype): float16 plans with GPU latencies at half precision "
+                                 "(chains compiled in float16; the roofline takes the device's "
+                                 "float16 peak and 2-byte values). Default float32")
     budgets = group.add_mutually_exclusive_group(required=required)
     budgets.add_argument("--budget-ms", metavar="MS|PCT%",
                          help="latency budget on the target in ms, or a share of the dense "
@@ -160,6 +165,10 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
                             "and contraction order chosen per site; slower to plan)")
 
 
+def _add_dtype_option(parser, help_text: str) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help=help_text)
+
+
 def _budget(args) -> api.Budget | None:
     if getattr(args, "budget_ms", None) is None and getattr(args, "budget_params", None) is None:
         return None
@@ -174,7 +183,8 @@ def _budget(args) -> api.Budget | None:
     return api.Budget(kind, value, relative, target=args.target, engine=args.engine, rpc=args.rpc,
                       tracker=args.tracker, key=args.key, device_file=args.device_file,
                       data_aware=not args.plain_svd, cache=not args.no_latency_cache,
-                      tensor_train=args.tt, threads=args.latency_threads)
+                      tensor_train=args.tt, threads=args.latency_threads,
+                      dtype=args.dtype)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -267,10 +277,10 @@ plan can meet fails with the least reachable latency.""")
                           help="MetaSchedule trials (0 = untuned); the database is kept in "
                                "OUTDIR/tuning and reused by the next compile. host only")
     compile_.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
-    compile_.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                          help="GPU targets: float16 runs weights and activations in half "
-                               "precision; the error this costs against float32 onnxruntime is "
-                               "measured on a host build and printed (default float32)")
+    _add_dtype_option(compile_, "GPU targets: float16 runs weights and activations in half "
+                                "precision; the error this costs against float32 onnxruntime "
+                                "is measured on a host build and printed; a budget is planned "
+                                "at this precision (default float32)")
     _add_compression_options(compile_, default_rank=None)
     _add_budget_options(compile_, target=False, required=False)
 

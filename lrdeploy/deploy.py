@@ -8,6 +8,7 @@ the bytes of weights embedded in the artifact. The runner and the profiler read 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
@@ -28,13 +29,12 @@ from lrdeploy.api import compress, load
 from lrdeploy.errors import LrdeployError
 from lrdeploy.fileio import write_json
 from lrdeploy.sites import initializer_bytes
-from lrdeploy.targets.devices import Device, get_device
+from lrdeploy.targets.devices import Device, check_dtype, get_device
 from lrdeploy.verify import OutputFidelity, compare_outputs, reference_outputs
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "lrdeploy-artifact/1"
 MODEL_ONNX = "model.onnx"
-DTYPES = ("float32", "float16")
 TUNING_DIR = "tuning"
 
 Progress = Callable[[str], None]
@@ -84,7 +84,8 @@ def compile_model(
 
     ``dtype="float16"`` (GPU targets) runs weights and activations in half precision; the error
     this costs is measured against float32 onnxruntime on a host build of the same graph and
-    recorded in the manifest (``half_precision``).
+    recorded in the manifest (``half_precision``), and a budget in ``compress_options`` is
+    planned at it.
 
     ``compress_options`` (keyword arguments of ``lrdeploy.compress``) compress the model first;
     without them an ``.onnx`` is compiled as it is (a torch factory is traced). The folder is
@@ -104,11 +105,11 @@ def compile_model(
         raise LrdeployError(f"{outdir}: parent folder {outdir.parent} does not exist")
     if tune_trials < 0:
         raise LrdeployError("--tune-trials must be >= 0")
-    if dtype not in DTYPES:
-        raise LrdeployError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if dtype == "float16" and device.family != "mobile_gpu":
-        raise LrdeployError(f"--dtype float16 is for GPU targets; '{device.name}' is "
-                            f"{device.family}")
+    check_dtype(device, dtype)
+    budget = (compress_options or {}).get("budget")
+    if budget is not None and budget.dtype != dtype:
+        # The plan must meet the budget at the precision the model is compiled at.
+        compress_options = {**compress_options, "budget": dataclasses.replace(budget, dtype=dtype)}
     if tune_trials and device.family != "host":
         raise LrdeployError(f"tuning for '{device.name}' needs the device itself (RPC, in the "
                             "profile command); without one, compile untuned (--tune-trials 0)")

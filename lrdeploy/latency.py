@@ -9,6 +9,10 @@ Three engines, one interface (``chain_ms`` for many small models, ``model_ms`` f
                   ``t = max(FLOPs / peak, bytes moved / bandwidth) + launch``; labelled an
                   estimate, for devices that cannot be reached
 
+A GPU model compiled in half precision (``compile --dtype float16``) is planned at it: the tvm
+engine compiles each chain in float16, the roofline takes the device's half-precision peak and
+2-byte values.
+
 Measured figures are cached on disk per device and engine (``$LRDEPLOY_CACHE/latency/``),
 keyed by the chain's structure (operators, attributes, shapes; not weight values), so a second
 plan for the same device re-measures nothing.
@@ -86,11 +90,13 @@ class LatencyModel:
     estimate = False
 
     threads: int | None = None  # runtime threads the figures were timed with (None: default)
+    dtype = "float32"  # the precision the device runs the model at
 
     def __init__(self, device: Device, cache: bool = True) -> None:
         self.device = device
-        # Figures timed with a set thread count are their own table.
-        name = self.engine + (f"-{self.threads}t" if self.threads else "")
+        # Figures timed with a set thread count or at half precision are their own table.
+        name = self.engine + (f"-{self.threads}t" if self.threads else "") + (
+            f"-{self.dtype}" if self.dtype != "float32" else "")
         self.table = LatencyTable(cache_path(device, name) if cache else None)
         self.measured = 0  # chains timed by this instance (not found in the cache)
         self.reused = 0
@@ -98,7 +104,8 @@ class LatencyModel:
     @property
     def label(self) -> str:
         threads = f", {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""
-        return f"{self.engine} on {self.device.name}{threads}" + (
+        dtype = f", {self.dtype}" if self.dtype != "float32" else ""
+        return f"{self.engine} on {self.device.name}{threads}{dtype}" + (
             " (estimate)" if self.estimate else "")
 
     def chain_ms(self, models: Sequence[ir.Model], progress: Progress = lambda m: None
@@ -269,8 +276,9 @@ class TvmLatency(LatencyModel):
     def __init__(self, device: Device, cache: bool = True, rpc: str | None = None,
                  tracker: str | None = None, key: str | None = None, runs: int = 10,
                  device_file: str | os.PathLike[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, dtype: str = "float32") -> None:
         self.threads = threads
+        self.dtype = dtype
         if device.family != "host" and not (rpc or tracker):
             raise LrdeployError(f"measuring on '{device.name}' needs its RPC server (--rpc "
                                 "HOST:PORT or --tracker HOST:PORT --key KEY); without one use "
@@ -291,7 +299,7 @@ class TvmLatency(LatencyModel):
                 paths.append(path)
             result = profile(paths, target=self.device.name, runtimes=("tvm",), runs=self.runs,
                              device_file=self.device_file, min_repeat_ms=20, progress=progress,
-                             threads=self.threads, **self.place)
+                             threads=self.threads, dtype=self.dtype, **self.place)
         if result.failed:
             raise LrdeployError(f"timing on {self.device.name} failed: {result.failed[0].error}")
         return [t.stats()["median_ms"] for t in result.timings]
@@ -303,24 +311,27 @@ class RooflineLatency(LatencyModel):
     engine = "roofline"
     estimate = True
 
-    def __init__(self, device: Device, cache: bool = False) -> None:
+    def __init__(self, device: Device, cache: bool = False, dtype: str = "float32") -> None:
+        self.dtype = dtype
         super().__init__(device, cache=False)
 
     def _time(self, models, progress, feed=None):
         shapes = None if feed is None else {k: v.shape for k, v in feed.items()}
-        return [sum(self.node_ms(*cost) for cost in node_costs(m, shapes)) for m in models]
+        value_bytes = 2 if self.dtype == "float16" else 4
+        return [sum(self.node_ms(*cost) for cost in node_costs(m, shapes, value_bytes))
+                for m in models]
 
     def node_ms(self, flops: float, nbytes: float) -> float:
-        compute = flops / (self.device.peak_gflops * 1e6)
+        compute = flops / (self.device.peak_gflops_at(self.dtype) * 1e6)
         memory = nbytes / (self.device.bandwidth_gbs * 1e6)
         return max(compute, memory) + ROOFLINE_LAUNCH_US / 1e3
 
 
-def node_costs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
-               ) -> list[tuple[float, float]]:
+def node_costs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
+               value_bytes: int = 4) -> list[tuple[float, float]]:
     """(FLOPs, bytes read and written) of every node, from ONNX shape inference at the given
-    input shapes (defaults as ``runtime.input_specs``). Nodes whose shapes stay unknown count
-    nothing: the estimate is a lower bound there."""
+    input shapes (defaults as ``runtime.input_specs``), ``value_bytes`` a value. Nodes whose
+    shapes stay unknown count nothing: the estimate is a lower bound there."""
     specs = runtime.input_specs(model, input_shapes)
     proto = ir.serde.serialize_model(model)
     for value in proto.graph.input:
@@ -342,7 +353,7 @@ def node_costs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None
     for node in inferred.graph.node:
         ins = [sizes.get(name) for name in node.input if name]
         outs = [sizes.get(name) for name in node.output if name]
-        nbytes = 4.0 * sum(math.prod(s) for s in [*ins, *outs] if s is not None)
+        nbytes = float(value_bytes) * sum(math.prod(s) for s in [*ins, *outs] if s is not None)
         costs.append((_node_flops(node, ins, outs), nbytes))
     return costs
 
@@ -369,9 +380,11 @@ def latency_model(
     cache: bool = True,
     device_file: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    dtype: str = "float32",
 ) -> LatencyModel:
     """The engine asked for, or the default: onnxruntime on the host, TVM over RPC when a
-    device is reachable, the roofline estimate otherwise."""
+    device is reachable, the roofline estimate otherwise; ``dtype`` is the precision the model
+    will be compiled at (float16 only for GPU targets, never run by onnxruntime here)."""
     if engine is None:
         if device.family == "host":
             engine = "onnxruntime"
@@ -381,7 +394,7 @@ def latency_model(
         return OnnxruntimeLatency(device, cache, threads=threads)
     if engine == "tvm":
         return TvmLatency(device, cache, rpc, tracker, key, device_file=device_file,
-                          threads=threads)
+                          threads=threads, dtype=dtype)
     if engine == "roofline":
-        return RooflineLatency(device)
+        return RooflineLatency(device, dtype=dtype)
     raise LrdeployError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")

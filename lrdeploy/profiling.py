@@ -350,6 +350,7 @@ def profile(
     device_file: str | os.PathLike[str] | None = None,
     input_shapes: dict | None = None,
     seed: int = 0,
+    dtype: str = "float32",
     progress: Progress = lambda message: None,
 ) -> ProfileResult:
     """Time each item (an artifact folder from ``compile``, or an ``.onnx``) on each runtime.
@@ -359,7 +360,8 @@ def profile(
     ``emulated`` says the RPC device is an emulator (its timings are labelled so);
     ``per_layer`` adds per-kernel (TVM) and per-node (onnxruntime) times, mapped to sites.
     ``min_repeat_ms`` makes each TVM sample repeat the model until it has run that long and
-    report the mean (steadier figures for very fast models).
+    report the mean (steadier figures for very fast models). ``dtype`` is the precision an
+    ``.onnx`` item is compiled at (``compile --dtype``).
     """
     from lrdeploy.deploy import MANIFEST, compile_model, read_manifest
     from lrdeploy.verify import compare_outputs, reference_outputs
@@ -399,7 +401,7 @@ def profile(
                     progress(f"compiling {item.name} for {target}")
                     outdir = Path(tmp) / f"{len(result.timings)}-{item.stem}"
                     manifest = compile_model(item, target, outdir, device_file=device_file,
-                                             input_shapes=input_shapes)
+                                             input_shapes=input_shapes, dtype=dtype)
                 device = manifest["device"]
                 timing = Timing(str(item), "tvm", f"{device['name']} via {place.label}",
                                 emulated and place.remote)

@@ -82,6 +82,25 @@ class Device:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def peak_gflops_at(self, dtype: str) -> float:
+        """Peak GFLOP/s at ``dtype``: the half-precision peak where the row gives one."""
+        if dtype == "float16" and self.peak_gflops_fp16:
+            return self.peak_gflops_fp16
+        return self.peak_gflops
+
+
+# Precisions a model can be compiled at (compile --dtype); float16 is for GPU targets.
+DTYPES = ("float32", "float16")
+
+
+def check_dtype(device: Device, dtype: str) -> None:
+    """Refuse a precision the device is not compiled at."""
+    if dtype not in DTYPES:
+        raise LrdeployError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype == "float16" and device.family != "mobile_gpu":
+        raise LrdeployError(f"--dtype float16 is for GPU targets; '{device.name}' is "
+                            f"{device.family}")
+
 
 def host_simd_lanes(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
     """fp32 lanes of this machine's widest vector unit: 16 with AVX-512, 8 with AVX / AVX2, 4

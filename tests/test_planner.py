@@ -484,6 +484,34 @@ def test_roofline_plans_for_an_unreachable_device(mlp, latency_cache):
     assert dense >= flops / (device.peak_gflops * 1e6)
 
 
+def test_a_half_precision_gpu_model_is_planned_at_half_precision(mlp, tmp_path,
+                                                                  latency_cache):
+    """``--dtype float16`` on a GPU target: the roofline takes the float16 peak and 2-byte
+    values, so a budget the float32 model needs factorizing for keeps every site dense at half
+    precision, and ``compile --dtype float16`` plans its budget so."""
+    device = get_device("mali-g610")
+    model = lrdeploy.load(mlp).canonical
+    feed = {"x": np.zeros((256, 512), np.float32)}
+    single, half = (RooflineLatency(device, dtype=dtype).model_ms(model, feed)
+                    for dtype in ("float32", "float16"))
+    assert half < 0.6 * single  # its MatMuls are compute-bound, at twice the peak
+    budget = 0.7 * single
+    with pytest.warns(LrdeployWarning, match="no calibration data"):
+        at_single = plan_for_budget(mlp, Budget("ms", budget, target="mali-g610"))
+        at_half = plan_for_budget(mlp, Budget("ms", budget, target="mali-g610",
+                                              dtype="float16"))
+    assert at_single.plan.factorized() and not at_half.plan.factorized()
+    assert "float16" in at_half.engine and "float16" not in at_single.engine
+    refused = run_cli("plan", mlp, "--budget-ms", "1", "--dtype", "float16")
+    assert refused.returncode == 2 and "for GPU targets" in refused.stderr
+    out = tmp_path / "art"
+    done = run_cli("compile", mlp, "--target", "mali-g610", "--dtype", "float16",
+                   "--budget-ms", f"{budget}", "-o", out)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert {entry["method"] for entry in plan["entries"]} == {"dense"}
+
+
 def test_tvm_engine_times_chains_on_host_and_caches_them(mlp, latency_cache):
     analysis = analyze_model(lrdeploy.load(mlp).canonical)
     site = analysis.sites[0]
