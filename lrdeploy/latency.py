@@ -42,8 +42,10 @@ from lrdeploy.targets.devices import Device
 ENGINES = ("onnxruntime", "tvm", "roofline")
 # Per-node dispatch cost the roofline adds: small kernels are bound by it, not by FLOPs.
 ROOFLINE_LAUNCH_US = 5.0
-# Multi-threaded sessions are compared in turns of runs back to back (see pair_ms): each turn
-# lasts this long (after 3 warm-up runs), and at least this many pairs of turns are timed.
+# pair_ms: single-threaded sessions take turns of one run, at least MIN_RUN_PAIRS pairs;
+# multi-threaded ones turns of TURN_S of runs back to back (after 3 warm-up runs), at least
+# MIN_TURN_PAIRS pairs.
+MIN_RUN_PAIRS = 20
 TURN_S = 0.2
 MIN_TURN_PAIRS = 6
 Progress = Callable[[str], None]
@@ -174,7 +176,7 @@ class OnnxruntimeLatency(LatencyModel):
                     for session in sessions] for _ in range(rounds)]
         return [min(column) for column in zip(*samples, strict=True)]
 
-    def pair_ms(self, model, reference, feed, min_time_s: float = 3.0, min_pairs: int = 20):
+    def pair_ms(self, model, reference, feed, min_time_s: float = 3.0):
         """The two sessions take turns (ABBA, so neither always goes first), and the model's
         time is the median ratio within a pair of turns times the reference's time from runs
         back to back, as ``side_by_side_ms`` and a deployed model run it: load on a shared
@@ -194,14 +196,14 @@ class OnnxruntimeLatency(LatencyModel):
         sessions = (self._session(model), self._session(reference))
         for session in sessions:
             _warm_up(session, feed)
-        if self.threads == 1:
-            def turn(session) -> float:
-                return _run_ms(session, feed)
-        else:
-            min_pairs = MIN_TURN_PAIRS
+        single_runs = self.threads == 1
+        min_pairs = MIN_RUN_PAIRS if single_runs else MIN_TURN_PAIRS
 
-            def turn(session) -> float:
-                return time_session(session, feed, TURN_S, 3)
+        def turn(session) -> float:
+            if single_runs:
+                return _run_ms(session, feed)
+            return time_session(session, feed, TURN_S, 3)
+
         ratios = []
         started = time.perf_counter()
         while len(ratios) < min_pairs or (time.perf_counter() - started < min_time_s
