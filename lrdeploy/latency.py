@@ -15,7 +15,8 @@ engine compiles each chain in float16, the roofline takes the device's half-prec
 
 Measured figures are cached on disk per device and engine (``$LRDEPLOY_CACHE/latency/``),
 keyed by the chain's structure (operators, attributes, shapes; not weight values), so a second
-plan for the same device re-measures nothing.
+plan for the same device re-measures nothing; a table is stamped with what else its figures
+depend on (engine version, device row, the host's CPU) and measured again when that changed.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ import onnx
 import onnx_ir as ir
 
 from lrdeploy import runtime
-from lrdeploy.errors import LrdeployError
+from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.fileio import write_json
-from lrdeploy.targets.devices import Device
+from lrdeploy.targets.devices import Device, host_cpu_model
 
 ENGINES = ("onnxruntime", "tvm", "roofline")
 # Per-node dispatch cost the roofline adds: small kernels are bound by it, not by FLOPs.
@@ -62,21 +63,32 @@ def structure_key(model: ir.Model) -> str:
 
 
 class LatencyTable:
-    """Measured milliseconds by structure key, persisted as JSON (one file per device/engine)."""
+    """Measured milliseconds by structure key, persisted as JSON (one file per device/engine),
+    stamped with what the figures were measured with (``LatencyModel.stamp``): a table measured
+    with another engine version, another device row or on another CPU is re-measured, not
+    trusted, and ``discarded`` says how many figures it held."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, stamp: str = "") -> None:
         self.path = path
+        self.stamp = stamp
         self.entries: dict[str, float] = {}
-        if path is not None and path.is_file():
-            try:
-                self.entries = {k: float(v) for k, v in json.loads(path.read_text()).items()}
-            except (ValueError, AttributeError):
-                self.entries = {}  # a damaged cache is re-measured, not trusted
+        self.discarded = 0
+        if path is None or not path.is_file():
+            return
+        try:
+            saved = json.loads(path.read_text())
+            entries = {k: float(v) for k, v in saved["entries"].items()}
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return  # a damaged cache, or one from before stamps, is re-measured
+        if saved.get("stamp") == stamp:
+            self.entries = entries
+        else:
+            self.discarded = len(entries)
 
     def save(self) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(self.path, self.entries)
+            write_json(self.path, {"stamp": self.stamp, "entries": self.entries})
 
 
 def cache_path(device: Device, engine: str) -> Path:
@@ -89,6 +101,7 @@ class LatencyModel:
     """Base: subclasses time (or estimate) a list of models; this class caches the figures."""
 
     engine = ""
+    package = ""  # the distribution whose version the figures depend on
     estimate = False
 
     threads: int | None = None  # runtime threads the figures were timed with (None: default)
@@ -99,9 +112,27 @@ class LatencyModel:
         # Figures timed with a set thread count or at half precision are their own table.
         name = self.engine + (f"-{self.threads}t" if self.threads else "") + (
             f"-{self.dtype}" if self.dtype != "float32" else "")
-        self.table = LatencyTable(cache_path(device, name) if cache else None)
+        self.table = (LatencyTable(cache_path(device, name), self.stamp()) if cache
+                      else LatencyTable(None))
+        if self.table.discarded:
+            warn(f"{self.table.path}: its {self.table.discarded} chain timings were measured "
+                 f"with another engine version, device row or CPU; re-measuring them")
         self.measured = 0  # chains timed by this instance (not found in the cache)
         self.reused = 0
+
+    def stamp(self) -> str:
+        """What the figures depend on besides a chain's structure: the engine's version, the
+        device's row, and for the host this machine's CPU."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            engine = f"{self.package} {version(self.package)}"
+        except PackageNotFoundError:
+            engine = f"{self.package} (version unknown)"
+        row = {k: v for k, v in self.device.to_dict().items() if k != "description"}
+        digest = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode())
+        cpu = f"; cpu {host_cpu_model()}" if self.device.family == "host" else ""
+        return f"{engine}; device {self.device.name} {digest.hexdigest()[:12]}{cpu}"
 
     @property
     def label(self) -> str:
@@ -158,6 +189,7 @@ class OnnxruntimeLatency(LatencyModel):
     """Wall time of ``InferenceSession.run`` here; only the host can be measured this way."""
 
     engine = "onnxruntime"
+    package = "onnxruntime"
 
     def __init__(self, device: Device, cache: bool = True, min_time_s: float = 0.3,
                  min_runs: int = 10, threads: int | None = None) -> None:
@@ -274,6 +306,7 @@ class TvmLatency(LatencyModel):
     """Each model compiled for the device and timed by ``lrdeploy.profiling`` (local or RPC)."""
 
     engine = "tvm"
+    package = "apache-tvm"
 
     def __init__(self, device: Device, cache: bool = True, rpc: str | None = None,
                  tracker: str | None = None, key: str | None = None, runs: int = 10,

@@ -303,9 +303,7 @@ class Planner:
                            candidate: Candidate, feeds: Sequence[runtime.Feeds]) -> float:
         """The model error with only ``site`` changed to ``candidate``: the rule's
         ``approximation`` fed in place of the site's weight (the outputs of the rewritten
-        model, up to rounding), or the rewritten model where the weight cannot be fed."""
-        if site.name not in substitution.operands:
-            return self.model_error(self.apply(Plan([candidate.entry(site.name)])), feeds)[0]
+        model, up to rounding)."""
         rule = rule_for(candidate.method, site, grams=self.analysis.grams)
         weight = rule.approximation(site, candidate.rule_ranks())
         return self._output_error(substitution.outputs(site, weight, feeds), feeds)[0]
@@ -585,9 +583,9 @@ class WeightSubstitution:
         self.operands: dict[str, tuple[ir.Node, str, np.dtype]] = {}
         for site in sites:
             node = nodes[site.name]
+            # A site's weight is a constant that is not a graph input (``sites.constant_array``)
+            # and the frontend lifts Constant nodes to initializers, so it is an initializer.
             value = weight_operand(node)
-            if value is None or not value.is_initializer() or value.is_graph_input():
-                continue
             model.graph.inputs.append(value)
             self.operands[site.name] = (node, value.name, value.const_value.dtype.numpy())
         self.session = runtime.session(model)

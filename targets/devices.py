@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -102,23 +103,34 @@ def check_dtype(device: Device, dtype: str) -> None:
                             f"{device.family}")
 
 
-def host_simd_lanes(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
-    """fp32 lanes of this machine's widest vector unit: 16 with AVX-512, 8 with AVX / AVX2, 4
-    otherwise (SSE, NEON), from the CPU flags Linux lists (py-cpuinfo would read the same file
-    at a second's cost per import); 4 where they cannot be read."""
+def _cpuinfo_value(keys: tuple[str, ...], cpuinfo: Path) -> str | None:
+    """The first value Linux's ``cpuinfo`` lists under one of ``keys``; None where it cannot be
+    read or lists none (py-cpuinfo would read the same file at a second's cost per import)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return 4
-    flags = set()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-            break
+        if key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def host_simd_lanes(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
+    """fp32 lanes of this machine's widest vector unit: 16 with AVX-512, 8 with AVX / AVX2, 4
+    otherwise (SSE, NEON), from the CPU flags; 4 where they cannot be read."""
+    flags = set((_cpuinfo_value(("flags", "Features"), cpuinfo) or "").split())
     if "avx512f" in flags:
         return 16
     return 8 if "avx" in flags else 4
+
+
+def host_cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """This machine's CPU model name (x86's ``model name``, or the ``CPU part`` of an Arm
+    core), else its architecture."""
+    return (_cpuinfo_value(("model name", "CPU part"), cpuinfo) or platform.machine()
+            or "unknown")
 
 
 def _row(name: str, description: str, **values: Any) -> Device:

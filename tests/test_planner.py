@@ -36,7 +36,7 @@ from lrdeploy.methods import rule_for
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
 from lrdeploy.planner import Planner, WeightSubstitution, error_notes, rank_grid, standalone
 from lrdeploy.search import Frontier, Option
-from lrdeploy.targets.devices import get_device, host_simd_lanes
+from lrdeploy.targets.devices import get_device, host_cpu_model, host_simd_lanes
 
 
 def test_knapsack_is_optimal_on_a_hand_checked_instance():
@@ -550,6 +550,34 @@ def test_latency_threads_are_timed_and_cached_apart(mlp, tmp_path, latency_cache
     result = run_cli("plan", mlp, "--budget-ms", "50%", "--latency-threads", "0")
     assert result.returncode == 2 and "--latency-threads must be at least 1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_latency_table_from_another_engine_version_is_measured_again(mlp, latency_cache):
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    chain = standalone(analysis.model, analysis.sites[0])
+    first = OnnxruntimeLatency(get_device("host"))
+    first.chain_ms([chain])
+    path = latency_cache / "latency" / "host-onnxruntime.json"
+    saved = json.loads(path.read_text())
+    assert saved["stamp"] == first.stamp() and "onnxruntime " in saved["stamp"]
+    assert OnnxruntimeLatency(get_device("host")).table.entries == saved["entries"]
+    saved["stamp"] = saved["stamp"].replace("onnxruntime ", "onnxruntime 0.0.0-was-")
+    path.write_text(json.dumps(saved))
+    with pytest.warns(LrdeployWarning, match="another engine version"):
+        again = OnnxruntimeLatency(get_device("host"))
+    again.chain_ms([chain])
+    assert again.measured == 1 and again.reused == 0
+    assert json.loads(path.read_text())["stamp"] == first.stamp()
+    # A table from before stamps (a bare mapping) is measured again too.
+    path.write_text(json.dumps(saved["entries"]))
+    assert OnnxruntimeLatency(get_device("host")).table.entries == {}
+
+
+def test_host_cpu_model_comes_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx\n")
+    assert host_cpu_model(cpuinfo) == "AMD EPYC 7B13"
+    assert host_cpu_model(tmp_path / "missing")  # the architecture where cpuinfo is missing
 
 
 @pytest.mark.parametrize("threads", [1, 2])
