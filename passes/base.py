@@ -76,16 +76,14 @@ class Factorization:
         return model
 
 
-class MatrixFactorization(Factorization):
-    """A rule whose site is one matrix split in two factors (SVD of a matrix or a 1x1 conv);
-    ``factors`` is where data-aware variants choose the factors differently.
+class BiasCorrection:
+    """Bias correction for a rule whose chain ends in the site's bias (with ``means``, by site
+    name: the mean ``mu`` of the site's input features on calibration data). Written as
+    ``y = x @ W + b`` with an approximation ``W ~= A``, the output error at an input x is
+    ``x @ E`` with ``E = W - A``; its mean ``delta = mu @ E`` is a constant, and is added to
+    the bias:
 
-    Bias correction (with ``means``, by site name: the mean ``mu`` of the site's input features
-    on calibration data). Written as ``y = x @ W + b`` with factors ``W ~= L R``, the output
-    error at an input x is ``x @ E`` with ``E = W - L R``; its mean ``delta = mu @ E`` is a
-    constant, and is added to the bias:
-
-        y ~= x @ L @ R + (b + delta)
+        y ~= x @ A + (b + delta)
         ||X E - 1 delta||_F^2 = ||(X - 1 mu) E||_F^2 = ||X E||_F^2 - n ||delta||^2
 
     so the site's output error on the calibration data never grows, for any factors. Only
@@ -104,6 +102,20 @@ class MatrixFactorization(Factorization):
 
     def __init__(self, means: Mapping[str, np.ndarray] | None = None) -> None:
         self.means = dict(means or {})
+
+    def corrects_bias(self, site: Site) -> bool:
+        return site.name in self.means and bool(site.bias_params or site.bias_follows)
+
+    def output_shift(self, site: Site, error: np.ndarray) -> np.ndarray | None:
+        """``delta = mu @ error`` for the weight error oriented as in ``y = x @ W`` (input
+        features on its rows); None where the site's bias is not corrected."""
+        return self.means[site.name] @ error if self.corrects_bias(site) else None
+
+
+class MatrixFactorization(BiasCorrection, Factorization):
+    """A rule whose site is one matrix split in two factors (SVD of a matrix or a 1x1 conv);
+    ``factors`` is where data-aware variants choose the factors differently. Biases are
+    corrected with ``means`` (``BiasCorrection``)."""
 
     def inputs_on_rows(self, site: Site) -> bool:
         # x @ W; W @ x and a 1x1 conv's (C_out, C_in) kernel hold the inputs on their columns
@@ -124,14 +136,6 @@ class MatrixFactorization(Factorization):
         (rank,) = ranks
         left, right = self.factors(site, self.matrix(site), rank)
         return (left @ right).reshape(site.weight.shape)
-
-    def corrects_bias(self, site: Site) -> bool:
-        return site.name in self.means and bool(site.bias_params or site.bias_follows)
-
-    def output_shift(self, site: Site, error: np.ndarray) -> np.ndarray | None:
-        """``delta = mu @ error`` for the weight error oriented as in ``y = x @ W`` (input
-        features on its rows); None where the site's bias is not corrected."""
-        return self.means[site.name] @ error if self.corrects_bias(site) else None
 
 
 # Nodes of a factorized chain are named SITE/TAG_INDEX (e.g. ".../query/MatMul/svd_0"), so a

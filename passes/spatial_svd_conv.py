@@ -13,6 +13,15 @@ auto_pad SAME_*, each conv pads its own axis as the original would (padding is p
 
     parameters  r (C_in kh + C_out kw)
     FLOPs       2 N r (H_out W C_in kh + H_out W_out C_out kw)
+
+With calibration means the mean output error is added to the horizontal conv's bias
+(``BiasCorrection``). ``mu`` is the mean vertical input patch (features ``(c, i)``, as the
+unfolding's rows: ``calibration.vertical_patches``); every horizontal tap j reads such a patch,
+so with ``E = W - W_r`` the output's mean error is
+
+    delta[o] = sum_{c, i, j} E[o, c, i, j] mu[(c, i)]
+
+exact away from the width padding (a tap that reads padding reads zeros, not the mean).
 """
 
 from __future__ import annotations
@@ -24,17 +33,19 @@ import onnx_ir as ir
 
 from lrdeploy.decompositions import spatial_svd, spatial_unfolding
 from lrdeploy.passes.base import (
+    BiasCorrection,
     Cost,
     Factorization,
     add_initializer,
     chain_node_names,
     conv_node,
     replace_node,
+    shifted_bias,
 )
 from lrdeploy.sites import Site
 
 
-class SpatialSVDConv(Factorization):
+class SpatialSVDConv(BiasCorrection, Factorization):
     method = "spatial"
 
     def applies(self, site: Site) -> bool:
@@ -62,8 +73,7 @@ class SpatialSVDConv(Factorization):
 
     def approximation(self, site: Site, ranks: Sequence[int]) -> np.ndarray:
         (rank,) = ranks
-        vertical, horizontal = self.kernels(site, rank)
-        return np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0, :])
+        return _composed(*self.kernels(site, rank))
 
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "spatial", 2)
@@ -78,7 +88,16 @@ class SpatialSVDConv(Factorization):
                           (site.strides[0], 1), (top, 0, bottom, 0), (site.dilations[0], 1),
                           site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
+        error = site.weight - _composed(vertical, horizontal)
+        shift = self.output_shift(site, error.sum(axis=3).reshape(len(error), -1).T)
+        if shift is not None:
+            bias = shifted_bias(graph, f"{site.name}/spatial_b", bias, shift)
         second = conv_node(names[1], first.outputs[0], h, bias, (1, kw),
                            (1, site.strides[1]), (0, left, 0, right), (1, site.dilations[1]),
                            site.auto_pad)
         replace_node(graph, node, [first, second])
+
+
+def _composed(vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
+    """The k x k kernel the vertical then horizontal conv compute."""
+    return np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0, :])

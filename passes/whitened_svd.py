@@ -26,8 +26,8 @@ w]`` with the height stride s and dilation d, x padded in height), the output is
 horizontal tap j reads column j of X M. The factors whitened by ``X^T X`` minimise
 ``||X M - X A B||_F^2``, the sum over the taps of each tap's squared output error; the cross
 terms between taps (neighbouring columns' errors adding up in one output) are left out, as
-the objective of an SVD must be one matrix product. Its graph is plain spatial SVD's, and as
-there, the bias is left as it is.
+the objective of an SVD must be one matrix product. Its graph is plain spatial SVD's, and its
+bias is corrected as there (``spatial_svd_conv``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ class WhitenedSpatialSVDConv(SpatialSVDConv):
 
     method = "wspatial"
 
-    def __init__(self, grams: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, grams: Mapping[str, np.ndarray] | None = None,
+                 means: Mapping[str, np.ndarray] | None = None) -> None:
+        super().__init__(means)
         self.grams = dict(grams or {})
 
     def unfoldings(self, site: Site) -> list[np.ndarray]:

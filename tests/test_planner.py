@@ -671,6 +671,42 @@ def test_bias_correction_removes_the_mean_output_error(tmp_path):
     assert outcome.measured_error < planner.model_error(planner.apply(uncorrected))[0]
 
 
+def test_spatial_svd_bias_correction_removes_the_mean_output_error(tmp_path):
+    """A 3 x 3 conv (no padding, so every tap reads data) on inputs with large channel means:
+    with the correction, plain spatial SVD's output error has next to no mean left per channel
+    and is smaller; the operators are those of the uncorrected chain."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((1, 8, 16, 16)) + rng.uniform(1, 3, (1, 8, 1, 1))).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "k", "kb"], ["y"], name="conv", kernel_shape=[3, 3])
+    inits = [numpy_helper.from_array(rng.standard_normal((12, 8, 3, 3)).astype(np.float32), "k"),
+             numpy_helper.from_array(np.ones(12, np.float32), "kb")]
+    path = tmp_path / "conv.onnx"
+    path.write_bytes(make_model([node], [tensor_value("x", [1, 8, 16, 16])], ["y"], inits)
+                     .SerializeToString())
+    np.savez(tmp_path / "calib.npz", x=x)
+    models = {}
+    for method, correct in itertools.product(("spatial", "wspatial"), (False, True)):
+        plan = Plan([PlanEntry("conv", method, [4])], bias_correction=correct)
+        with pytest.warns(LrdeployWarning, match="one calibration sample both fits"):
+            models[method, correct] = lrdeploy.compress(path, plan=plan,
+                                                        calib=tmp_path / "calib.npz").model
+    assert len({structure_key(m) for m in models.values()}) == 1
+    dense = runtime.run(runtime.session(lrdeploy.load(path).canonical), {"x": x})["y"]
+    errors = {key: runtime.run(runtime.session(m), {"x": x})["y"] - dense
+              for key, m in models.items()}
+    mean = {key: np.abs(e.mean(axis=(0, 2, 3))).max() for key, e in errors.items()}
+    size = {key: np.linalg.norm(e) for key, e in errors.items()}
+    # Not exactly none: each tap reads 14 of the 16 columns the mean patch was taken over.
+    assert mean["spatial", True] < 0.05 * mean["spatial", False]
+    assert size["spatial", True] < 0.9 * size["spatial", False]
+    # Whitened factors keep the mean direction themselves: their correction is applied (a new
+    # bias) but moves little.
+    assert mean["wspatial", False] < 0.05 * mean["spatial", False]
+    assert "conv/spatial_b" in models["wspatial", True].graph.initializers
+    assert "conv/spatial_b" not in models["wspatial", False].graph.initializers
+    assert size["wspatial", True] < 1.01 * size["wspatial", False]
+
+
 def test_google_berts_input_mask_is_a_padding_mask_too():
     mask = np.array([[1, 1, 1, 0, 0]], np.int32)
     assert (padding_mask({"input_ids": mask, "input_mask": mask}) == mask.astype(bool)).all()
