@@ -9,7 +9,7 @@ FLOPs, and how to rewrite one node. Calling it, ``rule(model, {site_name: ranks}
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,10 +106,11 @@ class BiasCorrection:
     def corrects_bias(self, site: Site) -> bool:
         return site.name in self.means and bool(site.bias_params or site.bias_follows)
 
-    def output_shift(self, site: Site, error: np.ndarray) -> np.ndarray | None:
-        """``delta = mu @ error`` for the weight error oriented as in ``y = x @ W`` (input
-        features on its rows); None where the site's bias is not corrected."""
-        return self.means[site.name] @ error if self.corrects_bias(site) else None
+    def output_shift(self, site: Site, error: Callable[[], np.ndarray]) -> np.ndarray | None:
+        """``delta = mu @ error()`` for the weight error oriented as in ``y = x @ W`` (input
+        features on its rows); None where the site's bias is not corrected. ``error`` is
+        called only then: a chain built without means does not pay for the dense product."""
+        return self.means[site.name] @ error() if self.corrects_bias(site) else None
 
 
 class MatrixFactorization(BiasCorrection, Factorization):

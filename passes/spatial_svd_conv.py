@@ -88,8 +88,7 @@ class SpatialSVDConv(BiasCorrection, Factorization):
                           (site.strides[0], 1), (top, 0, bottom, 0), (site.dilations[0], 1),
                           site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        error = site.weight - _composed(vertical, horizontal)
-        shift = self.output_shift(site, error.sum(axis=3).reshape(len(error), -1).T)
+        shift = self.output_shift(site, lambda: _tap_summed_error(site, vertical, horizontal))
         if shift is not None:
             bias = shifted_bias(graph, f"{site.name}/spatial_b", bias, shift)
         second = conv_node(names[1], first.outputs[0], h, bias, (1, kw),
@@ -101,3 +100,10 @@ class SpatialSVDConv(BiasCorrection, Factorization):
 def _composed(vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
     """The k x k kernel the vertical then horizontal conv compute."""
     return np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0, :])
+
+
+def _tap_summed_error(site: Site, vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
+    """``E = W - W_r`` summed over the horizontal taps, as (C_in kh) x C_out: what the mean
+    vertical patch multiplies to give the mean output error."""
+    error = (site.weight - _composed(vertical, horizontal)).sum(axis=3)
+    return error.reshape(len(error), -1).T

@@ -62,7 +62,7 @@ class SVDConv1x1(MatrixFactorization):
         first = conv_node(names[0], node.inputs[0], reduce, None, (1, 1),
                           site.strides, site.pads, auto_pad=site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        shift = self.output_shift(site, (self.matrix(site) - u @ v).T)
+        shift = self.output_shift(site, lambda: (self.matrix(site) - u @ v).T)
         if shift is not None:
             bias = shifted_bias(graph, f"{site.name}/svd_b", bias, shift)
         second = conv_node(names[1], first.outputs[0], expand, bias, (1, 1))

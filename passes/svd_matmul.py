@@ -61,7 +61,7 @@ class SVDMatMul(MatrixFactorization):
             replace_node(graph, node, [first, second])
             return
         first = ir.node("MatMul", [node.inputs[0], u], name=names[0])
-        shift = self.output_shift(site, self.matrix(site) - left @ right)
+        shift = self.output_shift(site, lambda: self.matrix(site) - left @ right)
         if node.op_type == "Gemm":
             alpha = node.attributes.get_float("alpha", 1.0)
             beta = node.attributes.get_float("beta", 1.0)
