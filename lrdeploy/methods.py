@@ -38,11 +38,10 @@ Means = Mapping[str, np.ndarray]
 def rules(tucker_sweeps: int = 0, grams: Grams | None = None, means: Means | None = None
           ) -> list[Factorization]:
     """One rule object per (method, site kind); ``grams`` feed the data-aware ones and
-    ``means`` correct the biases of every SVD and spatial SVD."""
+    ``means`` correct the biases of every SVD, spatial SVD and Tucker-2."""
     return [SVDMatMul(means), SVDConv1x1(means), WhitenedSVDMatMul(grams, means),
-            WhitenedSVDConv1x1(grams, means),
-            Tucker2Conv(tucker_sweeps), SpatialSVDConv(means), WhitenedSpatialSVDConv(grams, means),
-            TTMatrix()]
+            WhitenedSVDConv1x1(grams, means), Tucker2Conv(tucker_sweeps, means),
+            SpatialSVDConv(means), WhitenedSpatialSVDConv(grams, means), TTMatrix()]
 
 
 def rule_for(method: str, site: Site, tucker_sweeps: int = 0, grams: Grams | None = None,

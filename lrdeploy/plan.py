@@ -43,7 +43,7 @@ class PlanEntry:
 class Plan:
     entries: list[PlanEntry]
     tucker_sweeps: int = 0
-    # SVD and spatial SVD sites' biases corrected by the calibration input means
+    # SVD, spatial SVD and Tucker-2 sites' biases corrected by the calibration input means
     # (``passes.base.BiasCorrection``)
     bias_correction: bool = False
 
@@ -135,7 +135,7 @@ def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site],
     Data-aware entries (``wsvd``, ``wspatial``) use ``grams``; without them they get plain
     factors.
     With ``plan.bias_correction``, ``means`` (calibration input means) correct the biases of
-    SVD and spatial SVD entries, whitened or not."""
+    SVD, spatial SVD and Tucker-2 entries, whitened or not."""
     by_name = {site.name: site for site in sites}
     groups: dict[type, tuple] = {}
     asked = sorted({e.method for e in plan.entries} & set(PLAIN))

@@ -28,9 +28,10 @@ measured check of the chosen plan.
    predicted latency (or parameters) within the budget. The chosen plan is applied and measured
    on the device (side by side with the dense model, scaled to the dense model's reference
    time), aiming ``NOISE_MARGIN`` under the budget; a plan that fits is timed twice and the
-   slower timing counts, and its model error is measured, also with the (spatial) SVD sites'
-   biases corrected by the calibration means (same latency; see ``passes.base``), the better
-   of the two kept; of the plans that fit, the one with the least measured model error is kept.
+   slower timing counts, and its model error is measured, also with the SVD, spatial SVD and
+   Tucker-2 sites' biases corrected by the calibration means (same latency; see
+   ``passes.base``), the better of the two kept; of the plans that fit, the one with the least
+   measured model error is kept.
    While it misses, the budget the search sees is tightened by the miss, and while it leaves
    much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans).
    A plan is accepted only when measured within the budget (not merely near it).
@@ -523,10 +524,10 @@ class Planner:
         )
 
     def _corrected_if_better(self, trial: _Trial) -> _Trial:
-        """The fit, or the same plan with its (spatial) SVD biases corrected by the calibration
-        means where that measures closer to the dense model: the correction lowers every site's
-        error on the calibration activations, not always the model's. Its operators and
-        shapes are the fit's, so its latency is too."""
+        """The fit, or the same plan with its SVD, spatial SVD and Tucker-2 biases corrected by
+        the calibration means where that measures closer to the dense model: the correction
+        lowers every site's error on the calibration activations, not always the model's. Its
+        operators and shapes are the fit's, so its latency is too."""
         if not self.analysis.means:
             return trial
         plan = dataclasses.replace(trial.plan, bias_correction=True)

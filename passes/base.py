@@ -113,6 +113,19 @@ class BiasCorrection:
         return self.means[site.name] @ error() if self.corrects_bias(site) else None
 
 
+def kernel_mean_error(site: Site, approximation: np.ndarray) -> np.ndarray:
+    """A k x k conv's weight error ``E = W - approximation`` summed over the kernel's columns,
+    as the (C_in kh) x C_out matrix that a k x k site's ``means`` (the mean vertical input patch,
+    ``calibration.vertical_patches``) multiplies to give the mean output error: every column
+    tap j reads such a patch, so
+
+        delta[o] = sum_{c, i, j} E[o, c, i, j] mu[(c, i)]
+
+    exact away from the width padding (a tap that reads padding reads zeros, not the mean)."""
+    error = (site.weight - approximation).sum(axis=3)
+    return error.reshape(len(error), -1).T
+
+
 class MatrixFactorization(BiasCorrection, Factorization):
     """A rule whose site is one matrix split in two factors (SVD of a matrix or a 1x1 conv);
     ``factors`` is where data-aware variants choose the factors differently. Biases are

@@ -17,11 +17,8 @@ auto_pad SAME_*, each conv pads its own axis as the original would (padding is p
 With calibration means the mean output error is added to the horizontal conv's bias
 (``BiasCorrection``). ``mu`` is the mean vertical input patch (features ``(c, i)``, as the
 unfolding's rows: ``calibration.vertical_patches``); every horizontal tap j reads such a patch,
-so with ``E = W - W_r`` the output's mean error is
-
-    delta[o] = sum_{c, i, j} E[o, c, i, j] mu[(c, i)]
-
-exact away from the width padding (a tap that reads padding reads zeros, not the mean).
+so with ``E = W - W_r`` the output's mean error is ``delta[o] = sum_{c, i, j} E[o, c, i, j]
+mu[(c, i)]`` (``passes.base.kernel_mean_error``).
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ from lrdeploy.passes.base import (
     add_initializer,
     chain_node_names,
     conv_node,
+    kernel_mean_error,
     replace_node,
     shifted_bias,
 )
@@ -88,7 +86,8 @@ class SpatialSVDConv(BiasCorrection, Factorization):
                           (site.strides[0], 1), (top, 0, bottom, 0), (site.dilations[0], 1),
                           site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        shift = self.output_shift(site, lambda: _tap_summed_error(site, vertical, horizontal))
+        shift = self.output_shift(
+            site, lambda: kernel_mean_error(site, _composed(vertical, horizontal)))
         if shift is not None:
             bias = shifted_bias(graph, f"{site.name}/spatial_b", bias, shift)
         second = conv_node(names[1], first.outputs[0], h, bias, (1, kw),
@@ -101,9 +100,3 @@ def _composed(vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
     """The k x k kernel the vertical then horizontal conv compute."""
     return np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0, :])
 
-
-def _tap_summed_error(site: Site, vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
-    """``E = W - W_r`` summed over the horizontal taps, as (C_in kh) x C_out: what the mean
-    vertical patch multiplies to give the mean output error."""
-    error = (site.weight - _composed(vertical, horizontal)).sum(axis=3)
-    return error.reshape(len(error), -1).T

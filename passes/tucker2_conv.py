@@ -14,31 +14,42 @@ padding commutes with it.
 
 HOSVD (truncated SVD of the mode-0 and mode-1 unfoldings) initialises the factors; optional HOOI
 sweeps (partial Tucker in tensorly) refine them.
+
+With calibration means the mean output error is added to the last 1x1 conv's bias
+(``BiasCorrection``), as for spatial SVD: with ``E = W - W_r`` and ``mu`` the mean vertical
+input patch, ``delta[o] = sum_{c, i, j} E[o, c, i, j] mu[(c, i)]``
+(``passes.base.kernel_mean_error``). The first 1x1 conv has no bias and the core none either,
+so their zero padding stays exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from lrdeploy.decompositions import tucker2
 from lrdeploy.passes.base import (
+    BiasCorrection,
     Cost,
     Factorization,
     add_initializer,
     chain_node_names,
     conv_node,
+    kernel_mean_error,
     replace_node,
+    shifted_bias,
 )
 from lrdeploy.sites import Site
 
 
-class Tucker2Conv(Factorization):
+class Tucker2Conv(BiasCorrection, Factorization):
     method = "tucker2"
 
-    def __init__(self, refine_sweeps: int = 0) -> None:
+    def __init__(self, refine_sweeps: int = 0,
+                 means: Mapping[str, np.ndarray] | None = None) -> None:
+        super().__init__(means)
         self.refine_sweeps = refine_sweeps
 
     def applies(self, site: Site) -> bool:
@@ -66,8 +77,7 @@ class Tucker2Conv(Factorization):
         return tucker2(site.weight, (ranks[0], ranks[1]), self.refine_sweeps)
 
     def approximation(self, site: Site, ranks: Sequence[int]) -> np.ndarray:
-        core, u_out, u_in = self.factors(site, ranks)
-        return np.einsum("oa,abij,cb->ocij", u_out, core, u_in)
+        return _composed(*self.factors(site, ranks))
 
     def rewrite(self, graph: ir.Graph, node: ir.Node, site: Site, ranks: Sequence[int]) -> None:
         names = chain_node_names(site.name, "tucker", 3)
@@ -82,5 +92,14 @@ class Tucker2Conv(Factorization):
         middle = conv_node(names[1], first.outputs[0], core_w, None, site.kernel,
                            site.strides, site.pads, site.dilations, site.auto_pad)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
+        shift = self.output_shift(
+            site, lambda: kernel_mean_error(site, _composed(core, u_out, u_in)))
+        if shift is not None:
+            bias = shifted_bias(graph, f"{site.name}/tucker_b", bias, shift)
         last = conv_node(names[2], middle.outputs[0], last_w, bias, (1, 1))
         replace_node(graph, node, [first, middle, last])
+
+
+def _composed(core: np.ndarray, u_out: np.ndarray, u_in: np.ndarray) -> np.ndarray:
+    """The k x k kernel the 1x1 / k x k / 1x1 chain computes."""
+    return np.einsum("oa,abij,cb->ocij", u_out, core, u_in)

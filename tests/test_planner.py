@@ -671,10 +671,10 @@ def test_bias_correction_removes_the_mean_output_error(tmp_path):
     assert outcome.measured_error < planner.model_error(planner.apply(uncorrected))[0]
 
 
-def test_spatial_svd_bias_correction_removes_the_mean_output_error(tmp_path):
+def test_kxk_conv_bias_correction_removes_the_mean_output_error(tmp_path):
     """A 3 x 3 conv (no padding, so every tap reads data) on inputs with large channel means:
-    with the correction, plain spatial SVD's output error has next to no mean left per channel
-    and is smaller; the operators are those of the uncorrected chain."""
+    with the correction, plain spatial SVD's and Tucker-2's output errors have next to no mean
+    left per channel and are smaller; the operators are those of the uncorrected chains."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((1, 8, 16, 16)) + rng.uniform(1, 3, (1, 8, 1, 1))).astype(np.float32)
     node = helper.make_node("Conv", ["x", "k", "kb"], ["y"], name="conv", kernel_shape=[3, 3])
@@ -684,21 +684,25 @@ def test_spatial_svd_bias_correction_removes_the_mean_output_error(tmp_path):
     path.write_bytes(make_model([node], [tensor_value("x", [1, 8, 16, 16])], ["y"], inits)
                      .SerializeToString())
     np.savez(tmp_path / "calib.npz", x=x)
+    ranks = {"spatial": [4], "wspatial": [4], "tucker2": [4, 4]}
     models = {}
-    for method, correct in itertools.product(("spatial", "wspatial"), (False, True)):
-        plan = Plan([PlanEntry("conv", method, [4])], bias_correction=correct)
+    for method, correct in itertools.product(ranks, (False, True)):
+        plan = Plan([PlanEntry("conv", method, ranks[method])], bias_correction=correct)
         with pytest.warns(LrdeployWarning, match="one calibration sample both fits"):
             models[method, correct] = lrdeploy.compress(path, plan=plan,
                                                         calib=tmp_path / "calib.npz").model
-    assert len({structure_key(m) for m in models.values()}) == 1
+    assert structure_key(models["spatial", False]) == structure_key(models["wspatial", True])
     dense = runtime.run(runtime.session(lrdeploy.load(path).canonical), {"x": x})["y"]
     errors = {key: runtime.run(runtime.session(m), {"x": x})["y"] - dense
               for key, m in models.items()}
     mean = {key: np.abs(e.mean(axis=(0, 2, 3))).max() for key, e in errors.items()}
     size = {key: np.linalg.norm(e) for key, e in errors.items()}
-    # Not exactly none: each tap reads 14 of the 16 columns the mean patch was taken over.
-    assert mean["spatial", True] < 0.05 * mean["spatial", False]
-    assert size["spatial", True] < 0.9 * size["spatial", False]
+    for method in ("spatial", "tucker2"):
+        assert structure_key(models[method, False]) == structure_key(models[method, True])
+        # Not exactly none: each tap reads 14 of the 16 columns the mean patch was taken over.
+        assert mean[method, True] < 0.05 * mean[method, False]
+        assert size[method, True] < 0.9 * size[method, False]
+    assert "conv/tucker_b" in models["tucker2", True].graph.initializers
     # Whitened factors keep the mean direction themselves: their correction is applied (a new
     # bias) but moves little.
     assert mean["wspatial", False] < 0.05 * mean["spatial", False]
