@@ -55,11 +55,10 @@ def whitened_unfolding(matrix: np.ndarray, gram: np.ndarray | None, inputs_on_ro
     return (whitening(gram) @ matrix.T).T
 
 
-class WhitenedSVD(MatrixFactorization):
-    """Mixin over an SVD rule; ``grams`` and ``means`` map a site name to ``X^T X`` and the mean
-    of its input features."""
-
-    method = "wsvd"
+class Whitened:
+    """Mixin over a rule with a data-aware variant (a ``BiasCorrection`` rule); ``grams`` and
+    ``means`` map a site name to ``X^T X`` and the mean of its input features. The whitened
+    unfolding's spectrum sets the data-aware ranks."""
 
     def __init__(self, grams: Mapping[str, np.ndarray] | None = None,
                  means: Mapping[str, np.ndarray] | None = None) -> None:
@@ -69,6 +68,12 @@ class WhitenedSVD(MatrixFactorization):
     def unfoldings(self, site: Site) -> list[np.ndarray]:
         (matrix,) = super().unfoldings(site)
         return [whitened_unfolding(matrix, self.grams.get(site.name), self.inputs_on_rows(site))]
+
+
+class WhitenedSVD(Whitened, MatrixFactorization):
+    """Mixin over an SVD rule."""
+
+    method = "wsvd"
 
     def factors(self, site: Site, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         gram = self.grams.get(site.name)
@@ -88,20 +93,11 @@ class WhitenedSVDConv1x1(WhitenedSVD, SVDConv1x1):
     pass
 
 
-class WhitenedSpatialSVDConv(SpatialSVDConv):
+class WhitenedSpatialSVDConv(Whitened, SpatialSVDConv):
     """Spatial SVD fitted to calibration data; ``grams`` maps a site name to ``X^T X`` of its
     vertical input patches (see the module doc)."""
 
     method = "wspatial"
-
-    def __init__(self, grams: Mapping[str, np.ndarray] | None = None,
-                 means: Mapping[str, np.ndarray] | None = None) -> None:
-        super().__init__(means)
-        self.grams = dict(grams or {})
-
-    def unfoldings(self, site: Site) -> list[np.ndarray]:
-        (matrix,) = super().unfoldings(site)
-        return [whitened_unfolding(matrix, self.grams.get(site.name), self.inputs_on_rows(site))]
 
     def kernels(self, site: Site, rank: int) -> tuple[np.ndarray, np.ndarray]:
         return spatial_svd(site.weight, rank, self.grams.get(site.name))
