@@ -9,6 +9,7 @@ Timings taken on an emulated device are labelled as such: they say nothing about
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import statistics
@@ -118,6 +119,14 @@ class _Place:
         """An RPC session (remote) or None (local)."""
         from tvm import rpc
 
+        if self.remote:
+            # This process's previous session must be closed first: a server serves one
+            # session at a time, and TVM's VirtualMachine.get_outputs leaves a reference cycle
+            # (its recursive closure holds the VM, which holds the session) that only the
+            # cyclic garbage collector frees. Until it ran, the next connection waited for the
+            # server to kill the old session at its timeout (120 s): every other chain of a
+            # plan timed over RPC did.
+            gc.collect()
         if self.rpc:
             host, port = _parse_address(self.rpc, "--rpc")
             try:

@@ -68,3 +68,25 @@ def tensor_value(name: str, shape) -> onnx.ValueInfoProto:
 def weight(name: str, shape, seed: int) -> onnx.TensorProto:
     rng = np.random.default_rng(seed)
     return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+
+def decaying_mlp(path: Path, rows: int = 256, width: int = 512, hidden: int = 1024,
+                 seed: int = 0) -> Path:
+    """MatMul / Relu / MatMul with weights of exponentially decaying spectra (low-rank friendly)."""
+    rng = np.random.default_rng(seed)
+
+    def decaying(shape):
+        u, _ = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))
+        v, _ = np.linalg.qr(rng.standard_normal((shape[1], shape[1])))
+        k = min(shape)
+        s = np.exp(-np.arange(k) / (k / 8))
+        return (u[:, :k] * s @ v[:, :k].T).astype(np.float32)
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    model = make_model(nodes, [tensor_value("x", [rows, width])], ["y"],
+                       [numpy_helper.from_array(decaying((width, hidden)), "w1"),
+                        numpy_helper.from_array(decaying((hidden, width)), "w2")])
+    path.write_bytes(model.SerializeToString())
+    return path

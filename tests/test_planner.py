@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import lrdeploy
-from conftest import make_model, run_cli, tensor_value
+from conftest import decaying_mlp, make_model, run_cli, tensor_value
 from lrdeploy import runtime
 from lrdeploy.analysis import analyze_model
 from lrdeploy.api import Budget, plan_for_budget
@@ -209,29 +209,9 @@ def test_data_aware_spatial_svd_keeps_a_k_by_k_convs_outputs(tmp_path, latency_c
     assert shared and all(errors["wspatial", r] < errors["spatial", r] for r in shared)
 
 
-def _mlp(path, rows: int = 256, width: int = 512, hidden: int = 1024, seed: int = 0):
-    rng = np.random.default_rng(seed)
-
-    def decaying(shape):
-        u, _ = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))
-        v, _ = np.linalg.qr(rng.standard_normal((shape[1], shape[1])))
-        k = min(shape)
-        s = np.exp(-np.arange(k) / (k / 8))
-        return (u[:, :k] * s @ v[:, :k].T).astype(np.float32)
-
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
-    model = make_model(nodes, [tensor_value("x", [rows, width])], ["y"],
-                       [numpy_helper.from_array(decaying((width, hidden)), "w1"),
-                        numpy_helper.from_array(decaying((hidden, width)), "w2")])
-    path.write_bytes(model.SerializeToString())
-    return path
-
-
 @pytest.fixture
 def mlp(tmp_path):
-    return _mlp(tmp_path / "mlp.onnx")
+    return decaying_mlp(tmp_path / "mlp.onnx")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import lrdeploy
-from conftest import run_cli
+from conftest import decaying_mlp, run_cli
 from lrdeploy.deploy import compile_model
 from lrdeploy.profiling import profile
 from lrdeploy.targets import emulated
@@ -85,6 +85,37 @@ def test_profile_through_tracker_on_emulated_aarch64_device(tracker_with_device,
     summary = timing["layer_summary"]
     assert 0 < summary["share_factorized"] <= 1 and summary["total_ms"] > 0
     print(f"emulated rpi4 via tracker: median {timing['median_ms']:.1f} ms (emulated)")
+
+
+def test_plan_times_its_chains_on_the_device_through_the_tracker(tracker_with_device, tmp_path,
+                                                                 monkeypatch):
+    """plan --tracker: every candidate chain is compiled for the board and timed on it (the
+    emulated aarch64 device), into the device's latency table, so a second plan times no chain
+    again; the plan meets its budget as measured there. Each of the process's sessions is
+    closed before the next connects (every other one used to wait for the server to kill the
+    previous session at its timeout)."""
+    monkeypatch.setenv("LRDEPLOY_CACHE", str(tmp_path / "cache"))
+    tracker, server = tracker_with_device
+    timeouts = server.log_text().count("timeout in RPC session")
+    model = decaying_mlp(tmp_path / "mlp.onnx", rows=16, width=64, hidden=128)
+    reports = []
+    for run in range(2):
+        report = tmp_path / f"report{run}.json"
+        done = run_cli("plan", model, "--target", "rpi4", "--tracker", tracker.address, "--key",
+                       KEY, "--budget-ms", "70%", "-o", tmp_path / f"plan{run}.json",
+                       "--report", report)
+        assert done.returncode == 0, done.stderr
+        reports.append(json.loads(report.read_text()))
+    first, second = reports
+    assert first["engine"] == "tvm on rpi4" and not first["estimate"]
+    assert first["chains_measured"] >= 4 and first["chains_cached"] == 0
+    assert second["chains_measured"] == 0
+    assert second["chains_cached"] == first["chains_measured"]
+    assert (tmp_path / "cache" / "latency" / "rpi4-tvm.json").is_file()
+    for report in reports:
+        assert report["measured"] <= report["budget"]["value"]
+        assert any(entry["method"] == "svd" for entry in report["plan"]["entries"])
+    assert server.log_text().count("timeout in RPC session") == timeouts
 
 
 def test_unknown_key_lists_the_registered_ones(tracker_with_device, minilm_rpi4):
