@@ -115,18 +115,21 @@ class _Place:
     def remote(self) -> bool:
         return bool(self.rpc or self.tracker)
 
+    def release(self) -> None:
+        """Close the session a finished timing leaves open. A server serves one session at a
+        time (a tracker lends its board to one client), and TVM's
+        VirtualMachine.get_outputs leaves a reference cycle (its recursive closure holds the
+        VM, which holds the session) that only the cyclic garbage collector frees: until it
+        ran, the next connection waited for the server to kill the old session at its timeout
+        (120 s), as every other chain of a plan timed over RPC did, and the board stayed
+        taken while the process went on."""
+        if self.remote:
+            gc.collect()
+
     def connect(self) -> Any:
         """An RPC session (remote) or None (local)."""
         from tvm import rpc
 
-        if self.remote:
-            # This process's previous session must be closed first: a server serves one
-            # session at a time, and TVM's VirtualMachine.get_outputs leaves a reference cycle
-            # (its recursive closure holds the VM, which holds the session) that only the
-            # cyclic garbage collector frees. Until it ran, the next connection waited for the
-            # server to kill the old session at its timeout (120 s): every other chain of a
-            # plan timed over RPC did.
-            gc.collect()
         if self.rpc:
             host, port = _parse_address(self.rpc, "--rpc")
             try:
@@ -430,6 +433,8 @@ def profile(
                 except LrdeployError as exc:
                     timing.error = str(exc)
                     return result
+                finally:
+                    place.release()
                 names, reference, unoptimized = reference_outputs(model, [feed])
                 fidelity = compare_outputs(names, reference, [outputs], unoptimized)
                 timing.max_relative_error = max(f.relative_l2_error for f in fidelity)

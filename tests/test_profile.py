@@ -3,6 +3,7 @@ a real tracker, and the faults a user meets. Every server started here is stoppe
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -171,6 +172,23 @@ def test_tracker_request_times_out_when_the_only_device_is_busy(tracker_with_dev
     assert time.monotonic() - start < 60
     assert "within 5 s" in result.timings[0].error
     del busy
+
+
+def test_the_board_is_handed_back_as_soon_as_a_profile_returns(tracker_with_device,
+                                                                minilm_rpi4):
+    """A profile run in this process closes its session when it returns: another process
+    gets the tracker's only board within a 20 s request timeout. With the automatic garbage
+    collector off, nothing else would close it (the VM's reference cycle holds it)."""
+    tracker, _ = tracker_with_device
+    gc.disable()
+    try:
+        first = profile([minilm_rpi4], tracker=tracker.address, key=KEY, runs=1)
+        assert not first.failed
+        proc = run_cli("profile", minilm_rpi4, "--tracker", tracker.address, "--key", KEY,
+                       "--runs", "1", "--timeout", "20")
+    finally:
+        gc.enable()
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_host_profile_side_by_side_dense_and_compressed(tmp_path, minilm_l3):
