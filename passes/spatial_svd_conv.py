@@ -99,4 +99,3 @@ class SpatialSVDConv(BiasCorrection, Factorization):
 def _composed(vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
     """The k x k kernel the vertical then horizontal conv compute."""
     return np.einsum("kci,okj->ocij", vertical[..., 0], horizontal[:, :, 0, :])
-
