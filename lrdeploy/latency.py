@@ -13,7 +13,7 @@ A GPU model compiled in half precision (``compile --dtype float16``) is planned 
 engine compiles each chain in float16, the roofline takes the device's half-precision peak and
 2-byte values.
 
-Measured figures are cached on disk per device and engine (``$LRDEPLOY_CACHE/latency/``),
+Measured figures are cached on disk per device, engine and board (``$LRDEPLOY_CACHE/latency/``),
 keyed by the chain's structure (operators, attributes, shapes; not weight values), so a second
 plan for the same device re-measures nothing; a table is stamped with what else its figures
 depend on (engine version, device row, the host's CPU) and measured again when that changed.
@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -63,7 +64,7 @@ def structure_key(model: ir.Model) -> str:
 
 
 class LatencyTable:
-    """Measured milliseconds by structure key, persisted as JSON (one file per device/engine),
+    """Measured milliseconds by structure key, persisted as JSON (one file per device/engine/board),
     stamped with what the figures were measured with (``LatencyModel.stamp``): a table measured
     with another engine version, another device row or on another CPU is re-measured, not
     trusted, and ``discarded`` says how many figures it held."""
@@ -106,12 +107,16 @@ class LatencyModel:
 
     threads: int | None = None  # runtime threads the figures were timed with (None: default)
     dtype = "float32"  # the precision the device runs the model at
+    board = ""  # which board of the device's kind timed them: a tracker key or an RPC address
 
     def __init__(self, device: Device, cache: bool = True) -> None:
         self.device = device
-        # Figures timed with a set thread count or at half precision are their own table.
+        # Figures timed with a set thread count, at half precision or on another board (an
+        # emulator registered under its own key, say) are their own table: none may stand in
+        # for a real board's figures.
         name = self.engine + (f"-{self.threads}t" if self.threads else "") + (
-            f"-{self.dtype}" if self.dtype != "float32" else "")
+            f"-{self.dtype}" if self.dtype != "float32" else "") + (
+            "@" + re.sub(r"[^A-Za-z0-9._-]", "_", self.board) if self.board else "")
         self.table = (LatencyTable(cache_path(device, name), self.stamp()) if cache
                       else LatencyTable(None))
         if self.table.discarded:
@@ -138,7 +143,8 @@ class LatencyModel:
     def label(self) -> str:
         threads = f", {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""
         dtype = f", {self.dtype}" if self.dtype != "float32" else ""
-        return f"{self.engine} on {self.device.name}{threads}{dtype}" + (
+        board = f" ({self.board})" if self.board else ""
+        return f"{self.engine} on {self.device.name}{board}{threads}{dtype}" + (
             " (estimate)" if self.estimate else "")
 
     def chain_ms(self, models: Sequence[ir.Model], progress: Progress = lambda m: None
@@ -314,6 +320,7 @@ class TvmLatency(LatencyModel):
                  threads: int | None = None, dtype: str = "float32") -> None:
         self.threads = threads
         self.dtype = dtype
+        self.board = f"rpc {rpc}" if rpc else f"key {key}" if tracker else ""
         if device.family != "host" and not (rpc or tracker):
             raise LrdeployError(f"measuring on '{device.name}' needs its RPC server (--rpc "
                                 "HOST:PORT or --tracker HOST:PORT --key KEY); without one use "

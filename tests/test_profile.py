@@ -108,11 +108,13 @@ def test_plan_times_its_chains_on_the_device_through_the_tracker(tracker_with_de
         assert done.returncode == 0, done.stderr
         reports.append(json.loads(report.read_text()))
     first, second = reports
-    assert first["engine"] == "tvm on rpi4" and not first["estimate"]
+    assert first["engine"] == f"tvm on rpi4 (key {KEY})" and not first["estimate"]
     assert first["chains_measured"] >= 4 and first["chains_cached"] == 0
     assert second["chains_measured"] == 0
     assert second["chains_cached"] == first["chains_measured"]
-    assert (tmp_path / "cache" / "latency" / "rpi4-tvm.json").is_file()
+    # the emulator's figures are its key's own: a real rpi4 would not be planned with them
+    assert [p.name for p in (tmp_path / "cache" / "latency").iterdir()] == [
+        f"rpi4-tvm@key_{KEY}.json"]
     for report in reports:
         assert report["measured"] <= report["budget"]["value"]
         assert any(entry["method"] == "svd" for entry in report["plan"]["entries"])
