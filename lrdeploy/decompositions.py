@@ -99,12 +99,6 @@ def whitening(gram: np.ndarray, damping: float = 1e-6) -> np.ndarray:
     return _cached_whitening(gram, damping=damping)[0]
 
 
-def whitened_singular_values(matrix: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Singular values of ``R W`` (``R`` from ``whitening(gram)``): their tail sums are the
-    output errors of ``whitened_svd_factors`` (``||X W - X L R'||_F^2 = sum_{i>r} s_i^2``)."""
-    return singular_values(whitening(gram) @ np.asarray(matrix, dtype=np.float64))
-
-
 def whitened_svd_factors(
     matrix: np.ndarray, gram: np.ndarray, rank: int
 ) -> tuple[np.ndarray, np.ndarray]:

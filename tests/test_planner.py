@@ -23,12 +23,13 @@ from lrdeploy.calibration import (
     split_calibration,
 )
 from lrdeploy.decompositions import (
+    singular_values,
     spatial_svd,
     spatial_unfolding,
     svd_factors,
     svd_output_errors,
-    whitened_singular_values,
     whitened_svd_factors,
+    whitening,
 )
 from lrdeploy.errors import LrdeployWarning
 from lrdeploy.latency import OnnxruntimeLatency, RooflineLatency, TvmLatency, structure_key
@@ -100,12 +101,18 @@ def test_the_host_row_reads_its_width_and_falls_back_to_4(tmp_path):
     assert host_simd_lanes(tmp_path / "missing") == 4
 
 
+def _whitened_spectrum(weight: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Squared singular values of ``R W``: their tail sums are the whitened factors' output
+    errors on the data of ``gram``."""
+    return singular_values(whitening(gram) @ weight) ** 2
+
+
 def test_data_aware_factors_have_smaller_output_error_than_plain_svd():
     rng = np.random.default_rng(0)
     x = _anisotropic_data(2000, 48, seed=1)
     weight = rng.standard_normal((48, 32))
     gram = x.T @ x
-    whitened = whitened_singular_values(weight, gram) ** 2
+    whitened = _whitened_spectrum(weight, gram)
     plain_tail = svd_output_errors(weight, gram)
     for rank in (2, 4, 8, 16):
         left, right = whitened_svd_factors(weight, gram, rank)
@@ -131,7 +138,7 @@ def test_held_out_errors_of_whitened_factors_show_what_the_fit_hides():
     fit, held = data[:16], data[16:]
     weight = rng.standard_normal((64, 40))
     on_held = svd_output_errors(weight, held.T @ held, fit.T @ fit)
-    on_fit = whitened_singular_values(weight, fit.T @ fit) ** 2
+    on_fit = _whitened_spectrum(weight, fit.T @ fit)
     for rank in (4, 8, 16):
         left, right = whitened_svd_factors(weight, fit.T @ fit, rank)
         measured = np.linalg.norm(held @ (weight - left @ right)) ** 2
