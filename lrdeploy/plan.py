@@ -46,6 +46,8 @@ class Plan:
     # SVD, spatial SVD and Tucker-2 sites' biases corrected by the calibration input means
     # (``passes.base.BiasCorrection``)
     bias_correction: bool = False
+    # where the plan was read from, named by the errors of a plan that does not fit the model
+    source: str = field(default="plan", compare=False, repr=False)
 
     def to_dict(self) -> dict:
         entries = [{k: v for k, v in asdict(e).items() if k != "tt" or v is not None}
@@ -66,7 +68,7 @@ class Plan:
             bias_correction = data.get("bias_correction", False)
             if not isinstance(bias_correction, bool):
                 raise ValueError(f"bias_correction must be true or false, not {bias_correction!r}")
-            return cls(entries, int(data.get("tucker_sweeps", 0)), bias_correction)
+            return cls(entries, int(data.get("tucker_sweeps", 0)), bias_correction, source)
         except (KeyError, TypeError, ValueError) as exc:
             raise LrdeployError(f"{source}: malformed plan entry ({exc})") from None
 
@@ -149,23 +151,23 @@ def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site],
     for entry in plan.factorized():
         site = by_name.get(entry.site)
         if site is None:
-            raise LrdeployError(f"plan names site '{entry.site}', which this model does not have "
-                                "as a factorizable site")
+            raise LrdeployError(f"{plan.source}: names site '{entry.site}', which this model "
+                                "does not have as a factorizable site")
         rule = rule_for(entry.method, site, plan.tucker_sweeps, grams, means)
         if rule is None:
-            raise LrdeployError(f"plan: method '{entry.method}' does not apply to site "
+            raise LrdeployError(f"{plan.source}: method '{entry.method}' does not apply to site "
                                 f"'{entry.site}' ({site.op} {list(site.weight.shape)})")
         ranks = entry.rule_ranks()
         if isinstance(ranks, TTLayout):
             problem = ranks.problem(*site.weight.shape)
             if problem:
-                raise LrdeployError(f"plan: site '{entry.site}': TT layout {problem}")
+                raise LrdeployError(f"{plan.source}: site '{entry.site}': TT layout {problem}")
         else:
             full = rule.full_ranks(site)
             if len(ranks) != len(full) or not all(1 <= r <= f for r, f in
                                                   zip(ranks, full, strict=False)):
-                raise LrdeployError(f"plan: ranks {entry.ranks} for site '{entry.site}' must "
-                                    f"be {len(full)} number(s) between 1 and {list(full)}")
+                raise LrdeployError(f"{plan.source}: ranks {entry.ranks} for site '{entry.site}' "
+                                    f"must be {len(full)} number(s) between 1 and {list(full)}")
         groups.setdefault(type(rule), (rule, {}))[1][entry.site] = ranks
     for rule, ranks_by_site in groups.values():
         model = rule(model, ranks_by_site)

@@ -107,12 +107,17 @@ def test_compress_writes_model_report_and_plan_that_reapplies(tmp_path, small_mo
     assert shapes == [(5, 80), (96, 5)]
 
 
-def test_plan_with_out_of_range_ranks_is_refused(tmp_path, small_model):
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "lrdeploy-plan/1",
-                                "entries": [{"site": "mm", "method": "svd", "ranks": [500]}]}))
+@pytest.mark.parametrize("entry, fragments", [
+    ({"site": "mm", "method": "svd", "ranks": [500]}, ["ranks [500]", "'mm'"]),
+    ({"site": "attention", "method": "svd", "ranks": [8]}, ["names site 'attention'"]),
+    ({"site": "mm", "method": "tucker2", "ranks": [8, 8]}, ["method 'tucker2'", "'mm'"]),
+])
+def test_a_plan_that_does_not_fit_the_model_is_refused_naming_its_file(tmp_path, small_model,
+                                                                      entry, fragments):
+    plan = tmp_path / "edited.json"
+    plan.write_text(json.dumps({"format": "lrdeploy-plan/1", "entries": [entry]}))
     proc = run_cli("compress", small_model, "-o", tmp_path / "o.onnx", "--plan", plan)
-    _assert_one_line_error(proc, "ranks [500]", "'mm'")
+    _assert_one_line_error(proc, f"{plan}:", *fragments)
     assert not (tmp_path / "o.onnx").exists()
 
 
