@@ -60,13 +60,14 @@ def load(
         source, original = "<onnx.ModelProto>", ir.serde.deserialize_model(model)
     elif isinstance(model, str | os.PathLike) and _looks_like_factory(str(model)):
         source = str(model)
-        original = _trace(frontend.load_torch_factory(source), example_inputs, input_shapes)
+        original = _trace(frontend.load_torch_factory(source), example_inputs, input_shapes,
+                          source, Path(source.rpartition(":")[0]))
     elif isinstance(model, str | os.PathLike):
         source, input_path = str(model), Path(model)
         original = frontend.load_onnx(input_path)
     elif _is_torch_module(model):
         source = f"<torch {type(model).__name__}>"
-        original = _trace(model, example_inputs, input_shapes)
+        original = _trace(model, example_inputs, input_shapes, source)
     else:
         raise LrdeployError(f"cannot load a model from {type(model).__name__}")
     return Loaded(source, original, frontend.canonicalize(original), input_path)
@@ -82,7 +83,8 @@ def _is_torch_module(obj: Any) -> bool:
         and hasattr(obj, "forward")
 
 
-def _trace(module: Any, example_inputs, input_shapes) -> ir.Model:
+def _trace(module: Any, example_inputs, input_shapes, source: str, path: Path | None = None
+           ) -> ir.Model:
     import torch
 
     if example_inputs is None:
@@ -90,7 +92,7 @@ def _trace(module: Any, example_inputs, input_shapes) -> ir.Model:
             raise LrdeployError("a torch model needs example inputs or --input-shape to be traced")
         generator = torch.Generator().manual_seed(0)
         example_inputs = [torch.randn(*shape, generator=generator) for shape in input_shapes]
-    return frontend.export_torch(module, example_inputs)
+    return frontend.export_torch(module, example_inputs, source, path)
 
 
 def analyze(

@@ -9,10 +9,14 @@ Canonical form, which the site finder and the passes rely on:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
+import re
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -84,9 +88,21 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _all_tensors(sub)
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = ANSI_ESCAPE.sub("", str(exc)).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _raised_by_user_code(where: str, exc: BaseException, path: Path | None) -> LrdeployError:
+    """One line for an exception from the user's own code (their module, factory or forward):
+    its type and message, and the line of their file it was raised from when it was."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if path is not None and Path(frame.filename).resolve() == path.resolve()]
+    line = f" at {path.name} line {frames[-1].lineno}" if frames else ""
+    return LrdeployError(f"{where}: {type(exc).__name__}{line}: {_first_line(exc)}")
 
 
 def load_torch_factory(spec: str) -> Any:
@@ -105,37 +121,61 @@ def load_torch_factory(spec: str) -> Any:
         raise LrdeployError(f"{path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise _raised_by_user_code(f"{path}: importing it raised", exc, path) from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise LrdeployError(f"{path}: has no callable '{factory_name}'")
-    net = factory()
+    try:
+        net = factory()
+    except Exception as exc:
+        raise _raised_by_user_code(f"{spec}: the factory raised", exc, path) from None
     if not isinstance(net, torch.nn.Module):
         raise LrdeployError(f"{spec}: returned {type(net).__name__}, not a torch.nn.Module")
     return net
 
 
-def export_torch(module: Any, example_inputs: Sequence[Any]) -> ir.Model:
-    """Trace a torch module to ONNX with torch's exporter (dynamo), in eval mode."""
+def export_torch(module: Any, example_inputs: Sequence[Any], source: str = "the model",
+                 path: Path | None = None) -> ir.Model:
+    """Trace a torch module to ONNX with torch's exporter (dynamo), in eval mode. ``source``
+    names the model in errors, ``path`` is the user's file that defines it, if any."""
     import torch
 
     module = module.eval()
-    # The exporter logs a line per optional torchvision op it cannot register, and warns about
-    # its own internals: noise for a user who only traces a model.
-    exporter_logger = logging.getLogger("torch.onnx")
-    level = exporter_logger.level
-    exporter_logger.setLevel(logging.ERROR)
+    # Run once eagerly first: a model that fails on the inputs (a wrong --input-shape, most
+    # often) says so in one line, where torch.export logs the meta kernels' tracebacks and
+    # raises a generic "failed to export".
+    shapes = " ".join(str(list(t.shape)) for t in example_inputs if hasattr(t, "shape"))
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad():
+            module(*example_inputs)
+    except Exception as exc:
+        raise _raised_by_user_code(f"{source} fails on inputs of shape {shapes}", exc,
+                                   path) from None
+    # The exporter logs a line per optional torchvision op it cannot register, warns about its
+    # own internals, and when it fails, logs the tracebacks of its fallbacks and prints the
+    # graphs it traced: noise for a user who only traces a model; the reason is in the error.
+    torch_logger = logging.getLogger("torch")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.CRITICAL)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(
+                io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, tuple(example_inputs), dynamo=True,
                                         verbose=False)
     except Exception as exc:
-        raise LrdeployError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+        cause = exc
+        while cause.__cause__ is not None:  # the exporter wraps the reason in its own message
+            cause = cause.__cause__
+        raise LrdeployError(f"{source}: torch.onnx.export failed: {type(cause).__name__}: "
+                            f"{_first_line(cause)}") from None
     finally:
-        exporter_logger.setLevel(level)
+        torch_logger.setLevel(level)
     if program is None:
-        raise LrdeployError("torch.onnx.export returned no program")
+        raise LrdeployError(f"{source}: torch.onnx.export returned no program")
     return program.model
 
 

@@ -121,6 +121,51 @@ def test_a_plan_that_does_not_fit_the_model_is_refused_naming_its_file(tmp_path,
     assert not (tmp_path / "o.onnx").exists()
 
 
+TORCH_MODELS = """\
+import torch
+
+
+class Branching(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: torch.export cannot trace it
+            return self.linear(x)
+        return -self.linear(x)
+
+
+def linear():
+    return torch.nn.Linear(64, 32)
+
+
+def branching():
+    return Branching()
+
+
+def raising():
+    return torch.nn.Linear(64)
+"""
+
+
+@pytest.mark.parametrize("factory, shape, fragments", [
+    ("linear", "1,65", ["models.py:linear fails on inputs of shape [1, 65]", "RuntimeError",
+                        "(1x65 and 64x32)"]),
+    ("raising", "1,64", ["models.py:raising: the factory raised: TypeError at models.py line 24",
+                         "out_features"]),
+    ("branching", "1,64", ["models.py:branching: torch.onnx.export failed",
+                           "data-dependent"]),
+])
+def test_a_torch_model_that_cannot_be_traced_is_one_line_naming_the_file(tmp_path, factory,
+                                                                        shape, fragments):
+    (tmp_path / "models.py").write_text(TORCH_MODELS)
+    proc = run_cli("compress", f"{tmp_path / 'models.py'}:{factory}", "-o", tmp_path / "o.onnx",
+                   "--rank", "rank:8", "--input-shape", shape)
+    _assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_help_explains_the_rank_rules():
     proc = run_cli("compress", "--help")
     assert proc.returncode == 0
