@@ -34,6 +34,11 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int, ...]
     assumed: tuple[int, ...] = ()  # axes whose size was not in the model nor given by the user
+    static: tuple[int, ...] = ()  # axes whose size the model fixes
+
+    def model_shape(self) -> str:
+        """The shape the model takes, ``?`` on the axes it leaves free."""
+        return _shape_text(d if axis in self.static else None for axis, d in enumerate(self.shape))
 
 
 def graph_inputs(model: ir.Model) -> list[ir.Value]:
@@ -64,6 +69,7 @@ def input_specs(
         if value.dtype is None:
             raise LrdeployError(f"model input '{value.name}' has no element type")
         dims = list(value.shape.dims) if value.shape is not None else None
+        static = tuple(axis for axis, dim in enumerate(dims or []) if _is_static(dim))
         given = shapes.get(value.name)
         if given is not None:
             given = tuple(int(d) for d in given)
@@ -75,7 +81,8 @@ def input_specs(
                     f"--input-shape {value.name}={','.join(map(str, given))} does not fit the "
                     f"model's shape {_shape_text(dims)}"
                 )
-            specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), given))
+            specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), given,
+                                   static=static))
             continue
         if dims is None:
             raise LrdeployError(
@@ -89,7 +96,7 @@ def input_specs(
                 concrete.append(1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
                 assumed.append(axis)
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(concrete),
-                               tuple(assumed)))
+                               tuple(assumed), static))
     return specs
 
 
@@ -167,6 +174,10 @@ def load_calibration(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -
                 f"{path}: array '{spec.name}' has shape {arrays[spec.name].shape}, expected "
                 f"rank {len(spec.shape)} (one sample) or {len(spec.shape) + 1} (a stack)"
             )
+        sample = arrays[spec.name].shape[extra:]
+        if any(sample[axis] != spec.shape[axis] for axis in spec.static):
+            raise LrdeployError(f"{path}: array '{spec.name}' holds samples of shape "
+                                f"{list(sample)}; the model's input is {spec.model_shape()}")
         counts.add(arrays[spec.name].shape[0] if extra else None)
     if len(counts) != 1:
         raise LrdeployError(f"{path}: arrays mix single samples and stacks of different sizes")

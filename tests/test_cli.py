@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from onnx import helper
@@ -44,6 +45,8 @@ def _bad_inputs(tmp_path, small_model):
         if entry.key == "location":
             entry.value = "../weights.bin"
     onnx.save_model(escaping, outside / "escape.onnx")
+    narrow = tmp_path / "narrow.npz"
+    np.savez(narrow, x=np.ones((4, 1, 95), np.float32))  # the model takes [batch, 96]
     return {
         "missing file": ([tmp_path / "nope.onnx"], ["nope.onnx", "no such file"]),
         "truncated": ([truncated], ["truncated.onnx"]),
@@ -53,11 +56,14 @@ def _bad_inputs(tmp_path, small_model):
         "malformed rank": ([small_model, "--rank", "energy:1.5"], ["--rank", "energy:1.5"]),
         "unknown rank rule": ([small_model, "--rank", "quantile:3"], ["--rank", "quantile:3"]),
         "output is input": ([small_model, "-o", small_model], ["is the input model"]),
+        "calibration of another shape": ([small_model, "--rank", "rank:8", "--calib", narrow],
+                                         ["narrow.npz", "samples of shape [1, 95]",
+                                          "the model's input is [?,96]"]),
     }
 
 
 CASES = ["missing file", "truncated", "not onnx", "external outside", "malformed rank",
-         "unknown rank rule", "output is input"]
+         "unknown rank rule", "output is input", "calibration of another shape"]
 
 
 @pytest.mark.parametrize("case", CASES)
