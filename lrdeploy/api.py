@@ -163,7 +163,8 @@ def compress(
     elif plan is not None:
         plan_source = "plan given by the caller"
     elif budget is not None:
-        outcome = _search(analysis, budget, calib_feeds, samples, seed, progress)
+        outcome = _search(loaded.source, analysis, budget, calib_feeds, samples, seed,
+                          progress)
         plan, plan_source = outcome.plan, f"planner: {budget}"
     else:
         plan_source = f"--rank {rule} --method {method}"
@@ -314,7 +315,7 @@ def plan_for_budget(
     device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
     analysis, calib_feeds, _ = _calibrated_analysis(loaded, input_shapes, calib, seed, progress)
-    outcome = _search(analysis, budget, calib_feeds, samples, seed, progress)
+    outcome = _search(loaded.source, analysis, budget, calib_feeds, samples, seed, progress)
     if output is not None:
         write_json(output, outcome.plan.to_dict())
     if report is not None:
@@ -324,14 +325,15 @@ def plan_for_budget(
     return outcome
 
 
-def _search(analysis: ModelAnalysis, budget: Budget, calib_feeds, samples: int, seed: int,
-            progress: Progress) -> PlanOutcome:
+def _search(source: str, analysis: ModelAnalysis, budget: Budget, calib_feeds, samples: int,
+            seed: int, progress: Progress) -> PlanOutcome:
     from lrdeploy.latency import latency_model
     from lrdeploy.planner import Planner
     from lrdeploy.targets.devices import check_dtype, get_device
 
     if not analysis.sites:
-        raise LrdeployError("the model has no factorizable sites: nothing to plan")
+        raise LrdeployError(f"{source}: no factorizable sites (Gemm, MatMul or Conv with a "
+                            "constant weight): nothing to plan")
     device = get_device(budget.target, budget.device_file)
     check_dtype(device, budget.dtype)
     if calib_feeds is None:

@@ -172,6 +172,15 @@ def test_a_torch_model_that_cannot_be_traced_is_one_line_naming_the_file(tmp_pat
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_planning_a_model_without_sites_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "relu.onnx"
+    onnx.save_model(make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
+                               [tensor_value("x", [1, 8])], ["y"], []), path)
+    proc = run_cli("plan", path, "--budget-ms", "50%", "-o", tmp_path / "plan.json")
+    _assert_one_line_error(proc, f"{path}: no factorizable sites")
+    assert not (tmp_path / "plan.json").exists()
+
+
 def test_help_explains_the_rank_rules():
     proc = run_cli("compress", "--help")
     assert proc.returncode == 0
