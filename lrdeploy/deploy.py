@@ -65,6 +65,11 @@ def read_manifest(outdir: str | os.PathLike[str]) -> dict:
         raise LrdeployError(f"{path}: not JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise LrdeployError(f"{path}: not an lrdeploy manifest ({MANIFEST_FORMAT})")
+    for key in ("onnx", "artifact", "kernels_library"):
+        name = manifest.get(key)
+        if name and not (outdir / name).is_file():
+            raise LrdeployError(f"{outdir}: {name} is missing (the folder is incomplete: "
+                                "compile again)")
     return manifest
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -124,6 +125,13 @@ def test_host_compile_and_verify_in_process(tmp_path, minilm_l3):
     proc = run_cli("verify", outdir)
     assert proc.returncode == 0, proc.stderr
     assert "in-process" in proc.stdout
+    # a folder missing a file its manifest names is refused in one line, either file
+    for name in (manifest["artifact"], manifest["onnx"]):
+        incomplete = tmp_path / f"without-{name}"
+        shutil.copytree(outdir, incomplete)
+        (incomplete / name).unlink()
+        for command in (["verify", incomplete], ["profile", incomplete, "--runs", "1"]):
+            _assert_clean_failure(run_cli(*command), f"{name} is missing")
 
 
 def test_android_without_ndk_writes_object_archive(tmp_path, minilm_l3, monkeypatch):
