@@ -21,7 +21,7 @@ from lrdeploy import frontend, runtime
 from lrdeploy.analysis import ModelAnalysis, analyze_model
 from lrdeploy.calibration import padding_mask_input, site_statistics, split_calibration
 from lrdeploy.errors import LrdeployError, warn
-from lrdeploy.fileio import same_file, write_json
+from lrdeploy.fileio import check_output_folders, same_file, write_json
 from lrdeploy.plan import Plan, apply_plan, make_plan
 from lrdeploy.planner import PlanOutcome
 from lrdeploy.ranks import parse_rank_rule
@@ -238,8 +238,7 @@ def _check_output_path(output: Path, input_path: Path | None, *others) -> None:
     for other in others:
         if other is not None and same_file(other, output):
             raise LrdeployError(f"{other}: is also the output model path")
-    if not output.parent.is_dir():
-        raise LrdeployError(f"{output}: output folder {output.parent} does not exist")
+    check_output_folders(output, *others)
 
 
 def save_model(model: ir.Model, output: Path) -> None:
@@ -313,6 +312,7 @@ def plan_for_budget(
 ) -> PlanOutcome:
     """Search the plan that meets ``budget`` with the least predicted error, check it on the
     device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
+    check_output_folders(output, report, plot)
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
     analysis, calib_feeds, _ = _calibrated_analysis(loaded, input_shapes, calib, seed, progress)
     outcome = _search(loaded.source, analysis, budget, calib_feeds, samples, seed, progress)

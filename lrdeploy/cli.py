@@ -12,7 +12,7 @@ from rich.console import Console
 
 from lrdeploy import __version__, api
 from lrdeploy.errors import LrdeployError, LrdeployWarning
-from lrdeploy.fileio import write_json
+from lrdeploy.fileio import check_output_folders, write_json
 from lrdeploy.latency import ENGINES
 from lrdeploy.methods import METHOD_CHOICES
 from lrdeploy.ranks import RULE_SYNTAX
@@ -377,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _analyze(args, shapes, console: Console) -> int:
+    check_output_folders(args.json)
     with console.status("analysing (tracing, probing shapes, computing spectra)"):
         analysis = api.analyze(args.model, input_shapes=shapes)
         rows = analysis.rows()
@@ -476,6 +477,7 @@ def _bundle(args, shapes, console: Console) -> int:
 def _profile(args, shapes, console: Console) -> int:
     from lrdeploy.profiling import profile
 
+    check_output_folders(args.json, args.html)
     with console.status("profiling") as status:
         result = profile(
             args.items, target=args.target, runtimes=args.runtime or ["tvm"], rpc=args.rpc,

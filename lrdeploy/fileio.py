@@ -17,12 +17,19 @@ from typing import Any
 from lrdeploy.errors import LrdeployError
 
 
+def check_output_folders(*targets: str | os.PathLike[str] | None) -> None:
+    """Refuse outputs whose folder does not exist, before any work: a command that wrote its
+    model and then failed on its report would leave half of what was asked."""
+    for target in targets:
+        if target is not None and not Path(target).parent.is_dir():
+            raise LrdeployError(f"{target}: output folder {Path(target).parent} does not exist")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` on success."""
     target = Path(target)
-    if not target.parent.is_dir():
-        raise LrdeployError(f"{target}: output folder {target.parent} does not exist")
+    check_output_folders(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -59,11 +59,15 @@ def _bad_inputs(tmp_path, small_model):
         "calibration of another shape": ([small_model, "--rank", "rank:8", "--calib", narrow],
                                          ["narrow.npz", "samples of shape [1, 95]",
                                           "the model's input is [?,96]"]),
+        "plan in a missing folder": ([small_model, "--rank", "rank:8", "--save-plan",
+                                      tmp_path / "nowhere" / "plan.json"],
+                                     ["nowhere", "does not exist"]),
     }
 
 
 CASES = ["missing file", "truncated", "not onnx", "external outside", "malformed rank",
-         "unknown rank rule", "output is input", "calibration of another shape"]
+         "unknown rank rule", "output is input", "calibration of another shape",
+         "plan in a missing folder"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -179,6 +183,13 @@ def test_planning_a_model_without_sites_is_one_line_naming_it(tmp_path):
     proc = run_cli("plan", path, "--budget-ms", "50%", "-o", tmp_path / "plan.json")
     _assert_one_line_error(proc, f"{path}: no factorizable sites")
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_a_plan_report_in_a_missing_folder_is_refused_before_planning(tmp_path, small_model):
+    proc = run_cli("plan", small_model, "--budget-ms", "50%", "-o", tmp_path / "plan.json",
+                   "--report", tmp_path / "nowhere" / "report.json")
+    _assert_one_line_error(proc, "nowhere", "does not exist")
+    assert [p.name for p in tmp_path.iterdir()] == [small_model.name]
 
 
 def test_help_explains_the_rank_rules():
