@@ -7,6 +7,7 @@ outputs, to learn the concrete shapes of the sites' activations at the analysed 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,9 @@ def load_calibration(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -
     path = Path(path)
     if not path.is_file():
         raise LrdeployError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):  # numpy would call it "pickled data" it refuses to load
+        raise LrdeployError(f"{path}: not an .npz archive (numpy.savez writes one, keyed by "
+                            "input name)")
     try:
         archive = np.load(path, allow_pickle=False)
         arrays = {key: archive[key] for key in archive.files}

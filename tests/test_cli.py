@@ -47,6 +47,7 @@ def _bad_inputs(tmp_path, small_model):
     onnx.save_model(escaping, outside / "escape.onnx")
     narrow = tmp_path / "narrow.npz"
     np.savez(narrow, x=np.ones((4, 1, 95), np.float32))  # the model takes [batch, 96]
+    (tmp_path / "inputs.npz").write_text("x = 1, 2, 3\n")
     return {
         "missing file": ([tmp_path / "nope.onnx"], ["nope.onnx", "no such file"]),
         "truncated": ([truncated], ["truncated.onnx"]),
@@ -59,6 +60,9 @@ def _bad_inputs(tmp_path, small_model):
         "calibration of another shape": ([small_model, "--rank", "rank:8", "--calib", narrow],
                                          ["narrow.npz", "samples of shape [1, 95]",
                                           "the model's input is [?,96]"]),
+        "calibration not an npz": ([small_model, "--rank", "rank:8", "--calib",
+                                    tmp_path / "inputs.npz"],
+                                   ["inputs.npz", "not an .npz archive"]),
         "plan in a missing folder": ([small_model, "--rank", "rank:8", "--save-plan",
                                       tmp_path / "nowhere" / "plan.json"],
                                      ["nowhere", "does not exist"]),
@@ -67,7 +71,7 @@ def _bad_inputs(tmp_path, small_model):
 
 CASES = ["missing file", "truncated", "not onnx", "external outside", "malformed rank",
          "unknown rank rule", "output is input", "calibration of another shape",
-         "plan in a missing folder"]
+         "calibration not an npz", "plan in a missing folder"]
 
 
 @pytest.mark.parametrize("case", CASES)
