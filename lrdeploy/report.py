@@ -352,7 +352,7 @@ def plot_frontier(outcome, path: str | os.PathLike[str]) -> None:
     axes.step([p["cost"] for p in points], [p["predicted_relative_error"] for p in points],
               where="post", label="Pareto frontier (predicted)", color="#264653")
     axes.axvline(outcome.budget, color="#e76f51", linestyle="--",
-                 label=f"budget {outcome.budget:g}")
+                 label=f"budget {outcome.budget:.4g} {unit}")
     axes.axvline(outcome.dense, color="#8d99ae", linestyle=":", label="dense model")
     axes.plot([outcome.predicted], [outcome.predicted_error], "o", color="#2a9d8f",
               label="chosen plan, predicted")
@@ -384,8 +384,9 @@ def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
                       f"{_num(row['params_before'])} -> {_num(row['params_after'])}",
                       f"{row['site_error']:.3g}", f"{row['sensitivity']:.3g}")
     console.print(sites)
-    frontier = Table(title=f"Pareto frontier ({outcome.engine})", title_justify="left")
-    frontier.add_column(unit, justify="right")
+    # The engine goes in the column header: as the title of this narrow table it wrapped.
+    frontier = Table(title="Pareto frontier", title_justify="left")
+    frontier.add_column(f"{unit} ({outcome.engine})", justify="right")
     frontier.add_column("predicted relative error", justify="right")
     points = outcome.frontier
     step = max(1, len(points) // frontier_rows)
