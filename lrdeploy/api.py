@@ -165,7 +165,7 @@ def compress(
     elif budget is not None:
         outcome = _search(loaded.source, analysis, budget, calib_feeds, samples, seed,
                           progress)
-        plan, plan_source = outcome.plan, f"planner: {budget}"
+        plan, plan_source = outcome.plan, f"the planner ({budget}): {outcome.budget_line()}"
     else:
         plan_source = f"--rank {rule} --method {method}"
         plan = make_plan(analysis, rule, method, only, skip, guard, tucker_sweeps)

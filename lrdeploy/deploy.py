@@ -129,13 +129,14 @@ def compile_model(
         staged.mkdir()
         progress("loading the model")
         onnx_path = staged / MODEL_ONNX
-        compression = None
+        compression, plan_notes = None, []
         if compress_options:
             progress("compressing")
             result = compress(model, onnx_path, input_shapes=input_shapes,
                               report=staged / "compression.json",
                               save_plan=staged / "plan.json", **compress_options)
             compression = result.report["totals"]
+            plan_notes = [f"compressed by {result.report['plan_source']}"]
             onnx_model = result.model
         else:
             onnx_model = load(model, input_shapes=_torch_shapes(model, input_shapes)).original
@@ -197,7 +198,7 @@ def compile_model(
             "compression": compression,
             "kernels": kernels,
             "kernels_library": "kernels.so" if (staged / "kernels.so").is_file() else None,
-            "notes": notes,
+            "notes": plan_notes + notes,
             "mcu": details,
             "dtype": dtype,
             "half_precision": half_precision,

@@ -369,11 +369,17 @@ class RooflineLatency(LatencyModel):
         return max(compute, memory) + ROOFLINE_LAUNCH_US / 1e3
 
 
+# Operators that read only the part of their first input they return (rows of an embedding
+# table, a window): they move the output's bytes from it, not the whole input's.
+PARTIAL_READS = ("Gather", "GatherElements", "GatherND", "Slice")
+
+
 def node_costs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
                value_bytes: int = 4) -> list[tuple[float, float]]:
-    """(FLOPs, bytes read and written) of every node, from ONNX shape inference at the given
-    input shapes (defaults as ``runtime.input_specs``), ``value_bytes`` a value. Nodes whose
-    shapes stay unknown count nothing: the estimate is a lower bound there."""
+    """(FLOPs, bytes read and written) of every node at the given input shapes (defaults as
+    ``runtime.input_specs``), ``value_bytes`` a value. Shapes come from ONNX shape inference,
+    and where it leaves some unknown (a transformer's batch axis lost through a Slice of a
+    buffer, after which no MatMul has a shape), from one onnxruntime run on random inputs."""
     specs = runtime.input_specs(model, input_shapes)
     proto = ir.serde.serialize_model(model)
     for value in proto.graph.input:
@@ -391,11 +397,17 @@ def node_costs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None
             sizes[value.name] = tuple(d.dim_value for d in dims)
     for init in inferred.graph.initializer:
         sizes[init.name] = tuple(init.dims)
+    unknown = {name for node in inferred.graph.node for name in [*node.input, *node.output]
+               if name and name not in sizes}
+    if unknown:
+        feed = runtime.random_inputs(model, specs)
+        sizes.update(runtime.probe_shapes(model, feed, sorted(unknown)))
     costs = []
     for node in inferred.graph.node:
         ins = [sizes.get(name) for name in node.input if name]
         outs = [sizes.get(name) for name in node.output if name]
-        nbytes = float(value_bytes) * sum(math.prod(s) for s in [*ins, *outs] if s is not None)
+        read = ([outs[0], *ins[1:]] if node.op_type in PARTIAL_READS and outs else ins)
+        nbytes = float(value_bytes) * sum(math.prod(s) for s in [*read, *outs] if s is not None)
         costs.append((_node_flops(node, ins, outs), nbytes))
     return costs
 

@@ -165,6 +165,7 @@ def print_compression(console: Console, report: dict) -> None:
         f"{totals['model_params_before']:,} -> {totals['model_params_after']:,} ({ratio:.1%}); "
         f"site FLOPs {_num(totals['site_flops_before'])} -> {_num(totals['site_flops_after'])}"
     )
+    console.print(f"plan: {report['plan_source']}")
     verification = report["verification"]
     print_fidelity(console, f"Verification on {verification['feed_source']}",
                    verification["outputs"])
@@ -400,11 +401,8 @@ def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
     console.print("predicted error: the sites' errors added (e^2 = sum of e_s^2), which "
                   "overstates large errors; plans measured within the budget: "
                   f"{measured or 'none'}")
-    label = " (estimate)" if outcome.estimate else ""
     console.print(
-        f"budget {outcome.budget:g} {unit}: dense {outcome.dense:.4g}, predicted "
-        f"{outcome.predicted:.4g}, measured{label} {outcome.measured:.4g} "
-        f"({len(outcome.attempts)} attempt(s)); relative output error predicted "
+        f"{outcome.budget_line()}; relative output error predicted "
         f"{outcome.predicted_error:.4g}, measured {outcome.measured_error:.4g}"
         f"{' with biases corrected' if outcome.plan.bias_correction else ''}, min cosine "
         f"{outcome.cosine:.6f}; chains timed {outcome.chains_measured}, from the cache "
