@@ -118,10 +118,11 @@ def _compression_kwargs(args) -> dict:
 BUDGET_HELP = """\
 The planner chooses, per site, dense or a factorization and its ranks so that the model meets
 the budget on the target with the least predicted loss of fidelity: every candidate's operator
-chain is timed on the device (cached per device under $LRDEPLOY_CACHE/latency, so the next plan
-for that device re-measures nothing), each site's effect on the outputs is measured on the
-calibration inputs, a knapsack search picks the plan, and the plan is then measured whole and
-the search tightened until it fits (at most 5 attempts)."""
+chain is timed on the device (cached per device and board under $LRDEPLOY_CACHE/latency, so
+the next plan for that board re-measures nothing), or estimated from the device's roofline
+when no board is reachable, each site's effect on the outputs is measured on the calibration
+inputs, a knapsack search picks the plan, and the plan is then measured (or estimated) whole
+and the search tightened until it fits (at most 5 attempts)."""
 
 
 def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required: bool) -> None:

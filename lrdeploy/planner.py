@@ -22,8 +22,9 @@ measured check of the chosen plan.
    response far from proportional). Predicted model error: ``e^2 = sum_s e_s^2``
    (additivity, checked on the real model at the end).
 3. Latency model: every candidate chain (and each site's dense operator) timed on the device
-   (``lrdeploy.latency``, cached per device), plus the untouched rest of the model measured
-   once: ``rest = max(0, T(dense model) - sum_s T(dense site s))``.
+   (``lrdeploy.latency``, cached per device and board) or estimated by its roofline, plus the
+   untouched rest of the model measured once: ``rest = max(0, T(dense model) - sum_s T(dense
+   site s))``.
 4. Search: a multiple-choice knapsack (``lrdeploy.search``) minimising the predicted error with
    predicted latency (or parameters) within the budget. The chosen plan is applied and measured
    on the device (side by side with the dense model, scaled to the dense model's reference
@@ -33,7 +34,9 @@ measured check of the chosen plan.
    ``passes.base``), the better of the two kept; of the plans that fit, the one with the least
    measured model error is kept.
    While it misses, the budget the search sees is tightened by the miss, and while it leaves
-   much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans).
+   much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans). A roofline estimate of the
+   whole plan is searched the same way, without the noise margin (it does not vary); a
+   parameter count adds up exactly, so its first plan is the answer.
    A plan is accepted only when measured within the budget (not merely near it).
    A measured budget is refused only once the cheapest plan has been measured over it: the
    predicted least (rest plus the cheapest chains) mixes timings taken at other moments. The
