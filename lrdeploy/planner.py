@@ -142,18 +142,20 @@ class PlanOutcome:
     chains_cached: int
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def unit(self) -> str:
+        return "ms" if self.kind == "ms" else "params"
+
     def budget_line(self) -> str:
         """The budget against the dense model, the prediction and the check of the plan."""
-        unit = "ms" if self.kind == "ms" else "params"
         checked = "estimated" if self.estimate else "measured"
-        return (f"budget {self.budget:.4g} {unit} ({self.engine}): dense {self.dense:.4g}, "
+        return (f"budget {self.budget:.4g} {self.unit} ({self.engine}): dense {self.dense:.4g}, "
                 f"predicted {self.predicted:.4g}, {checked} {self.measured:.4g} "
                 f"({len(self.attempts)} attempt(s))")
 
     def to_dict(self) -> dict:
-        unit = "ms" if self.kind == "ms" else "params"
         return {
-            "budget": {"kind": self.kind, "value": self.budget, "unit": unit},
+            "budget": {"kind": self.kind, "value": self.budget, "unit": self.unit},
             "engine": self.engine, "estimate": self.estimate,
             "dense": self.dense, "predicted": self.predicted, "measured": self.measured,
             "predicted_relative_error": self.predicted_error,

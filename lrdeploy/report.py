@@ -374,7 +374,7 @@ def plot_frontier(outcome, path: str | os.PathLike[str]) -> None:
 
 def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
     """The chosen plan per site, the budget check, and a thinned Pareto frontier."""
-    unit = "ms" if outcome.kind == "ms" else "params"
+    unit = outcome.unit
     sites = Table(title="plan", title_justify="left")
     for column in ("site", "method", "ranks", "dense ms", "chosen ms", "params", "site err",
                    "sensitivity"):
