@@ -22,6 +22,7 @@ from lrdeploy.analysis import ModelAnalysis, analyze_model
 from lrdeploy.calibration import padding_mask_input, site_statistics, split_calibration
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.fileio import check_output_folders, same_file, write_json
+from lrdeploy.latency import check_engine
 from lrdeploy.plan import Plan, apply_plan, make_plan
 from lrdeploy.planner import PlanOutcome
 from lrdeploy.ranks import parse_rank_rule
@@ -155,6 +156,8 @@ def compress(
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
     if output is not None:
         _check_output_path(Path(output), loaded.input_path, report, save_plan)
+    else:
+        check_output_folders(report, save_plan)
     analysis, calib_feeds, feed_source = _calibrated_analysis(loaded, input_shapes, calib, seed,
                                                               progress)
     if isinstance(plan, str | os.PathLike):
@@ -259,8 +262,9 @@ def save_model(model: ir.Model, output: Path) -> None:
 class Budget:
     """What the planner must meet: ``ms`` of latency or ``params`` parameters on ``target``.
 
-    ``engine`` measures latency (``lrdeploy.latency``; default onnxruntime on the host, TVM
-    over RPC when ``rpc``/``tracker`` is given, else the roofline estimate). ``data_aware``
+    ``engine`` measures latency (``lrdeploy.latency``; default TVM over RPC when
+    ``rpc``/``tracker`` is given, else onnxruntime on the host and the roofline estimate on
+    other targets). ``data_aware``
     offers SVD and spatial SVD factors whitened by the calibration activations (when there are
     any) beside the plain ones, and keeps whichever errs less on the held-out samples.
     """
@@ -285,6 +289,7 @@ class Budget:
             raise LrdeployError(f"budget kind must be 'ms' or 'params', not {self.kind!r}")
         if self.threads is not None and self.threads < 1:
             raise LrdeployError(f"--latency-threads must be at least 1 (got {self.threads})")
+        check_engine(self.engine, self.rpc, self.tracker, self.key)
         if not self.value > 0 or (self.relative and self.value > 1):
             limit = " and at most 100%" if self.relative else ""
             raise LrdeployError(f"the budget must be positive{limit} (got {self})")

@@ -147,8 +147,8 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
                        help="how latency is known: onnxruntime (measured here; host only), tvm "
                             "(compiled and timed on the target: in-process for host, else over "
                             "--rpc/--tracker), roofline (estimated from the device table). "
-                            "Default: onnxruntime on host, tvm with --rpc/--tracker, roofline "
-                            "otherwise")
+                            "Default: tvm with --rpc/--tracker, else onnxruntime on host and "
+                            "roofline on other targets")
     group.add_argument("--rpc", metavar="HOST:PORT", help="the target's TVM RPC server")
     group.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker (with --key)")
     group.add_argument("--key", help="device key registered with the tracker")

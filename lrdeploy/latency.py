@@ -39,6 +39,7 @@ import onnx_ir as ir
 from lrdeploy import runtime
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.fileio import write_json
+from lrdeploy.profiling import check_place
 from lrdeploy.targets.devices import Device, host_cpu_model
 
 ENGINES = ("onnxruntime", "tvm", "roofline")
@@ -143,9 +144,10 @@ class LatencyModel:
     def label(self) -> str:
         threads = f", {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""
         dtype = f", {self.dtype}" if self.dtype != "float32" else ""
-        board = f" ({self.board})" if self.board else ""
+        # No parentheses: the label is itself set in parentheses (budget line, table header).
+        board = f", {self.board}" if self.board else ""
         return f"{self.engine} on {self.device.name}{board}{threads}{dtype}" + (
-            " (estimate)" if self.estimate else "")
+            ", an estimate" if self.estimate else "")
 
     def chain_ms(self, models: Sequence[ir.Model], progress: Progress = lambda m: None
                  ) -> list[float]:
@@ -425,6 +427,15 @@ def _node_flops(node: onnx.NodeProto, ins: list, outs: list) -> float:
     return float(out)
 
 
+def check_engine(engine: str | None, rpc: str | None, tracker: str | None, key: str | None
+                 ) -> None:
+    """Refuse a device address that cannot be used, or one the engine would ignore."""
+    check_place(rpc, tracker, key)
+    if engine not in (None, "tvm") and (rpc or tracker):
+        raise LrdeployError(f"--engine {engine} does not use a device server; --rpc and "
+                            "--tracker are for --engine tvm")
+
+
 def latency_model(
     device: Device,
     engine: str | None = None,
@@ -436,14 +447,14 @@ def latency_model(
     threads: int | None = None,
     dtype: str = "float32",
 ) -> LatencyModel:
-    """The engine asked for, or the default: onnxruntime on the host, TVM over RPC when a
-    device is reachable, the roofline estimate otherwise; ``dtype`` is the precision the model
-    will be compiled at (float16 only for GPU targets, never run by onnxruntime here)."""
+    """The engine asked for, or the default: TVM over RPC when a device server is given,
+    else onnxruntime on the host and the roofline estimate on other devices; ``dtype`` is the
+    precision the model will be compiled at (float16 only for GPU targets, never run by
+    onnxruntime here)."""
+    check_engine(engine, rpc, tracker, key)
     if engine is None:
-        if device.family == "host":
-            engine = "onnxruntime"
-        else:
-            engine = "tvm" if (rpc or tracker) else "roofline"
+        engine = ("tvm" if (rpc or tracker) else
+                  "onnxruntime" if device.family == "host" else "roofline")
     if engine == "onnxruntime":
         return OnnxruntimeLatency(device, cache, threads=threads)
     if engine == "tvm":

@@ -98,16 +98,28 @@ def _parse_address(text: str, option: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def check_place(rpc: str | None, tracker: str | None, key: str | None) -> None:
+    """Refuse a device address that cannot be used, before any work is done."""
+    if rpc and tracker:
+        raise LrdeployError("give --rpc or --tracker, not both")
+    if tracker and not key:
+        raise LrdeployError("--tracker needs --key (the device kind to request)")
+    if key and not tracker:
+        raise LrdeployError(f"--key {key!r} names a device of a tracker: give --tracker "
+                            "HOST:PORT too")
+    if rpc:
+        _parse_address(rpc, "--rpc")
+    if tracker:
+        _parse_address(tracker, "--tracker")
+
+
 class _Place:
     """Where TVM artifacts run: this process, an RPC server, or a device from a tracker."""
 
     def __init__(self, rpc: str | None, tracker: str | None, key: str | None,
                  timeout_s: float) -> None:
+        check_place(rpc, tracker, key)
         self.rpc, self.tracker, self.key, self.timeout_s = rpc, tracker, key, timeout_s
-        if tracker and not key:
-            raise LrdeployError("--tracker needs --key (the device kind to request)")
-        if rpc and tracker:
-            raise LrdeployError("give --rpc or --tracker, not both")
         self.label = (f"rpc {rpc}" if rpc else f"tracker {tracker} key {key}" if tracker
                       else "local")
 

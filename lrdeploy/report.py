@@ -405,5 +405,6 @@ def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
         f"{outcome.budget_line()}; relative output error predicted "
         f"{outcome.predicted_error:.4g}, measured {outcome.measured_error:.4g}"
         f"{' with biases corrected' if outcome.plan.bias_correction else ''}, min cosine "
-        f"{outcome.cosine:.6f}; chains timed {outcome.chains_measured}, from the cache "
+        f"{outcome.cosine:.6f}; chains {'estimated' if outcome.estimate else 'timed'} "
+        f"{outcome.chains_measured}, from the cache "
         f"{outcome.chains_cached}")

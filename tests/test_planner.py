@@ -36,6 +36,7 @@ from lrdeploy.latency import (
     OnnxruntimeLatency,
     RooflineLatency,
     TvmLatency,
+    latency_model,
     node_costs,
     structure_key,
 )
@@ -385,6 +386,27 @@ def test_cli_plan_round_trip_and_impossible_budget(mlp, tmp_path, latency_cache)
     done = run_cli("plan", mlp, "--budget-ms", "0.0001", "-o", tmp_path / "never.json")
     assert done.returncode == 2 and "below the least reachable" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "never.json").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--rpc", "localhost"], "--rpc 'localhost': expected HOST:PORT"),
+    (["--key", "rpi4"], "--key 'rpi4' names a device of a tracker: give --tracker"),
+    (["--tracker", "127.0.0.1:9190"], "--tracker needs --key"),
+    (["--engine", "roofline", "--rpc", "127.0.0.1:9090"], "--engine roofline does not use"),
+])
+def test_a_device_address_that_cannot_be_used_is_refused_before_planning(mlp, tmp_path,
+                                                                          options, message):
+    """Once, a key without a tracker or an RPC server on the host was ignored (the plan timed
+    on this machine), and an address without a port failed only after the model's analysis."""
+    done = run_cli("plan", mlp, "--budget-ms", "80%", *options, "-o", tmp_path / "p.json")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "no calibration data" not in done.stderr  # refused before the model was read
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_an_rpc_server_for_the_host_times_with_tvm_there():
+    assert isinstance(latency_model(get_device("host"), rpc="127.0.0.1:9090"), TvmLatency)
+    assert isinstance(latency_model(get_device("host")), OnnxruntimeLatency)
 
 
 def test_data_aware_compress_beats_plain_svd_on_calibration_data(mlp, tmp_path):

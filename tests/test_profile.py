@@ -108,7 +108,7 @@ def test_plan_times_its_chains_on_the_device_through_the_tracker(tracker_with_de
         assert done.returncode == 0, done.stderr
         reports.append(json.loads(report.read_text()))
     first, second = reports
-    assert first["engine"] == f"tvm on rpi4 (key {KEY})" and not first["estimate"]
+    assert first["engine"] == f"tvm on rpi4, key {KEY}" and not first["estimate"]
     assert first["chains_measured"] >= 4 and first["chains_cached"] == 0
     assert second["chains_measured"] == 0
     assert second["chains_cached"] == first["chains_measured"]
