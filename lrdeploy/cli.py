@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -254,6 +255,9 @@ plan can meet fails with the least reachable latency.""")
     targets.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
     targets.add_argument("--prepare", action="append", default=[], metavar="TARGET",
                          help="fetch the device's TVM runtime and build its runner now (repeat)")
+    targets.add_argument("--json", action="store_true",
+                         help="print the rows as JSON, in the form --device-file reads (a copy "
+                              "of a row, renamed and edited, is a new device)")
 
     compile_ = commands.add_parser(
         "compile", help="compile ONNX (or compress, then compile) with TVM for a device",
@@ -422,7 +426,12 @@ def _targets(args, shapes, console: Console) -> int:
     from lrdeploy.targets.runner import runner_for
 
     devices = all_devices(args.device_file)
-    print_devices(console, list(devices.values()))
+    if args.json:
+        rows = {name: {k: v for k, v in device.to_dict().items() if k != "name"}
+                for name, device in devices.items()}
+        print(json.dumps(rows, indent=2))
+    else:
+        print_devices(console, list(devices.values()))
     for name in args.prepare:
         if name not in devices:
             raise LrdeployError(f"unknown target '{name}'; known targets: {', '.join(devices)}")

@@ -143,6 +143,9 @@ def compile_model(
             ir.save(onnx_model, onnx_path)
         onnx_shapes = input_shapes if _is_onnx_path(model) else None
         specs = runtime.input_specs(onnx_model, onnx_shapes)
+        name = Path(model).name if isinstance(model, str | os.PathLike) else "the model"
+        if hasattr(family, "check_input_count"):  # before TVM's import and build
+            family.check_input_count(len(specs), name)
 
         import tvm
 
@@ -170,7 +173,6 @@ def compile_model(
         kernels = build.kernel_table(fused, proto)
         details = None
         if hasattr(family, "compile_fused"):  # C projects (microcontrollers): no TVM VM
-            name = Path(model).name if isinstance(model, str | os.PathLike) else "the model"
             artifact, notes, details = family.compile_fused(fused, staged, device, name)
             param_bytes = details["weight_bytes"]
         else:

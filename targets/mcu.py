@@ -86,15 +86,21 @@ class Program:
         return self.tensors[name].storage
 
 
+def check_input_count(count: int, model_name: str) -> None:
+    """The C entry point takes one input tensor (``lrd_run(in, out)``): checked by
+    ``lrdeploy.deploy`` before TVM's import, so ``extract_program`` assumes it."""
+    if count != 1:
+        raise LrdeployError(f"{model_name}: microcontroller deployment takes a model with one "
+                            f"input; this one has {count}")
+
+
 def extract_program(fused: Any) -> Program:
-    """The kernel calls of ``fused["main"]``: one input, one output, views as aliases."""
+    """The kernel calls of ``fused["main"]`` (one input, see ``check_input_count``), one
+    output, views as aliases."""
     from tvm import relax
 
     main = fused["main"]
     program = Program()
-    if len(main.params) != 1:
-        raise LrdeployError(f"microcontroller deployment takes a model with one input; this "
-                            f"one has {len(main.params)}")
     names: dict[Any, str] = {}
     constant_names: dict[str, str] = {}
 

@@ -194,6 +194,20 @@ cross_compiler_package = "gcc-board-x"
     assert listed.returncode == 0 and "board-x" in listed.stdout
 
 
+def test_targets_json_is_a_device_file(tmp_path):
+    """The --device-file help says ``targets --json`` shows the rows' fields: a row copied
+    from it, renamed and edited, is read back as a new device."""
+    listed = run_cli("targets", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert rows["rpi4"]["simd_lanes"] == 4 and rows["rpi4"]["tvm_target"]["kind"] == "llvm"
+    devices = tmp_path / "devices.json"
+    devices.write_text(json.dumps({"my-pi": {**rows["rpi4"], "peak_gflops": 12.5}}))
+    again = json.loads(run_cli("targets", "--json", "--device-file", devices).stdout)
+    assert again["my-pi"] == {**rows["rpi4"], "peak_gflops": 12.5}
+    assert again["rpi4"] == rows["rpi4"]
+
+
 def test_device_file_with_a_missing_field_is_refused(tmp_path, minilm_l3):
     devices = tmp_path / "devices.json"
     devices.write_text(json.dumps({"half-board": {"description": "no target", "family": "host",
