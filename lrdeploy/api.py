@@ -153,6 +153,9 @@ def compress(
     planner chooses methods and ranks (``rank`` is then ignored).
     """
     rule = parse_rank_rule(rank)
+    if min_fidelity is not None and not -1 <= min_fidelity <= 1:
+        raise LrdeployError(f"--min-fidelity {min_fidelity:g}: a cosine similarity is between "
+                            "-1 and 1")
     loaded = load(model, example_inputs, _torch_shapes(input_shapes))
     if output is not None:
         _check_output_path(Path(output), loaded.input_path, report, save_plan)

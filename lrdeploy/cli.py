@@ -457,6 +457,8 @@ def _compile(args, shapes, console: Console) -> int:
 def _verify(args, shapes, console: Console) -> int:
     from lrdeploy.deploy import verify_artifact
 
+    if not args.tolerance >= 0:
+        raise LrdeployError(f"--tolerance {args.tolerance:g}: a relative error must be >= 0")
     with console.status("verifying") as status:
         result = verify_artifact(args.outdir, emulate=args.emulate, calib=args.calib,
                                  samples=args.samples, seed=args.seed,

@@ -104,6 +104,12 @@ def make_plan(
     tucker_sweeps: int = 0,
 ) -> Plan:
     """Ranks for every site from ``rule``; with ``guard``, unprofitable sites stay dense."""
+    names = [site.name for site in analysis.sites]
+    for flag, patterns in (("--only", only), ("--skip", skip)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                warn(f"{flag} {pattern!r} matches no site: patterns are shell-style and match "
+                     "the whole name (e.g. '*attention*'); lrdeploy analyze lists the names")
     entries = []
     for site in analysis.sites:
         entries.append(_plan_site(analysis, site, rule, method, only, skip, guard))

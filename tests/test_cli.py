@@ -66,12 +66,14 @@ def _bad_inputs(tmp_path, small_model):
         "plan in a missing folder": ([small_model, "--rank", "rank:8", "--save-plan",
                                       tmp_path / "nowhere" / "plan.json"],
                                      ["nowhere", "does not exist"]),
+        "min fidelity not a cosine": ([small_model, "--min-fidelity", "1.5"],
+                                      ["--min-fidelity 1.5", "between -1 and 1"]),
     }
 
 
 CASES = ["missing file", "truncated", "not onnx", "external outside", "malformed rank",
          "unknown rank rule", "output is input", "calibration of another shape",
-         "calibration not an npz", "plan in a missing folder"]
+         "calibration not an npz", "plan in a missing folder", "min fidelity not a cosine"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -95,6 +97,17 @@ def test_min_fidelity_failure_writes_nothing_and_names_the_figure(tmp_path, smal
                    "--min-fidelity", "0.999", "--report", tmp_path / "r.json")
     _assert_one_line_error(proc, "below --min-fidelity 0.999")
     assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_a_site_pattern_that_matches_nothing_is_warned_about(tmp_path, small_model):
+    """A typo in --only leaves every site dense: the user is told, not just shown a table of
+    dense sites."""
+    proc = run_cli("compress", small_model, "-o", tmp_path / "lr.onnx", "--only", "m*",
+                   "--only", "attention*", "--skip", "nothing")
+    assert proc.returncode == 0, proc.stderr
+    assert "--only 'attention*' matches no site" in proc.stderr
+    assert "--skip 'nothing' matches no site" in proc.stderr
+    assert "'m*' matches" not in proc.stderr  # the model's one site is 'mm'
 
 
 def test_compress_writes_model_report_and_plan_that_reapplies(tmp_path, small_model):

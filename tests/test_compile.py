@@ -218,6 +218,11 @@ def test_device_file_with_a_missing_field_is_refused(tmp_path, minilm_l3):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_negative_tolerance_is_refused_before_the_artifact_runs(tmp_path):
+    proc = run_cli("verify", tmp_path, "--tolerance", "-1")
+    _assert_clean_failure(proc, "--tolerance -1: a relative error must be >= 0")
+
+
 def test_artifact_folder_without_manifest_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     for command in (["verify", tmp_path / "empty"], ["bundle", tmp_path / "empty",
