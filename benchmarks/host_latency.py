@@ -62,8 +62,7 @@ def tvm_timer(outdir: Path, manifest: dict, feed: dict):
 def bench_model(label: str, spec: dict, work: Path, trials: int, rounds: int) -> list[tuple]:
     print(f"\n== {label}: preparing", flush=True)
     dense_path = work / "dense.onnx"
-    loaded = lrdeploy.load(spec["source"](), input_shapes=list(spec["shapes"].values())
-                           if not str(spec["source"]()).endswith(".onnx") else None)
+    loaded = lrdeploy.load(spec["source"](), input_shapes=spec["shapes"])
     import onnx_ir as ir
     ir.save(loaded.original, dense_path)
     low_rank = work / "lowrank.onnx"

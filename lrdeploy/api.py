@@ -45,16 +45,20 @@ class Loaded:
     original: ir.Model
     canonical: ir.Model
     input_path: Path | None
+    # The shapes that size an ONNX model's dynamic axes; None for a traced torch model, whose
+    # shapes the trace fixed.
+    onnx_shapes: Mapping[str, Sequence[int]] | None = None
 
 
 def load(
     model: ModelSource,
     example_inputs: Sequence[Any] | None = None,
-    input_shapes: Sequence[Sequence[int]] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Loaded:
     """Load any supported source; torch modules are traced with ``example_inputs`` (or random
-    tensors of ``input_shapes``)."""
-    input_path = None
+    tensors of ``input_shapes``, in input order), an ONNX model's dynamic axes are sized by
+    ``input_shapes`` (by input name) where it is analysed and run."""
+    input_path, onnx_shapes = None, input_shapes
     if isinstance(model, ir.Model):
         source, original = "<onnx_ir.Model>", model
     elif isinstance(model, onnx.ModelProto):
@@ -63,15 +67,17 @@ def load(
         source = str(model)
         original = _trace(frontend.load_torch_factory(source), example_inputs, input_shapes,
                           source, Path(source.rpartition(":")[0]))
+        onnx_shapes = None
     elif isinstance(model, str | os.PathLike):
         source, input_path = str(model), Path(model)
         original = frontend.load_onnx(input_path)
     elif _is_torch_module(model):
         source = f"<torch {type(model).__name__}>"
         original = _trace(model, example_inputs, input_shapes, source)
+        onnx_shapes = None
     else:
         raise LrdeployError(f"cannot load a model from {type(model).__name__}")
-    return Loaded(source, original, frontend.canonicalize(original), input_path)
+    return Loaded(source, original, frontend.canonicalize(original), input_path, onnx_shapes)
 
 
 def _looks_like_factory(text: str) -> bool:
@@ -92,7 +98,8 @@ def _trace(module: Any, example_inputs, input_shapes, source: str, path: Path | 
         if not input_shapes:
             raise LrdeployError("a torch model needs example inputs or --input-shape to be traced")
         generator = torch.Generator().manual_seed(0)
-        example_inputs = [torch.randn(*shape, generator=generator) for shape in input_shapes]
+        example_inputs = [torch.randn(*shape, generator=generator)
+                          for shape in input_shapes.values()]
     return frontend.export_torch(module, example_inputs, source, path)
 
 
@@ -102,12 +109,8 @@ def analyze(
     example_inputs: Sequence[Any] | None = None,
 ) -> ModelAnalysis:
     """Sites, skipped operators and spectra of ``model`` at the given input shapes."""
-    loaded = load(model, example_inputs, _torch_shapes(input_shapes))
-    return analyze_model(loaded.canonical, input_shapes if loaded.input_path else None)
-
-
-def _torch_shapes(input_shapes) -> list[Sequence[int]] | None:
-    return list(input_shapes.values()) if input_shapes else None
+    loaded = load(model, example_inputs, input_shapes)
+    return analyze_model(loaded.canonical, loaded.onnx_shapes)
 
 
 @dataclass
@@ -156,12 +159,12 @@ def compress(
     if min_fidelity is not None and not -1 <= min_fidelity <= 1:
         raise LrdeployError(f"--min-fidelity {min_fidelity:g}: a cosine similarity is between "
                             "-1 and 1")
-    loaded = load(model, example_inputs, _torch_shapes(input_shapes))
+    loaded = load(model, example_inputs, input_shapes)
     if output is not None:
         _check_output_path(Path(output), loaded.input_path, report, save_plan)
     else:
         check_output_folders(report, save_plan)
-    analysis, calib_feeds, feed_source = _calibrated_analysis(loaded, input_shapes, calib, seed,
+    analysis, calib_feeds, feed_source = _calibrated_analysis(loaded, calib, seed,
                                                               progress)
     if isinstance(plan, str | os.PathLike):
         plan_source = f"plan {plan}"
@@ -210,13 +213,13 @@ def compress(
     return result
 
 
-def _calibrated_analysis(loaded: Loaded, input_shapes, calib, seed: int, progress: Progress
+def _calibrated_analysis(loaded: Loaded, calib, seed: int, progress: Progress
                          ) -> tuple[ModelAnalysis, list[runtime.Feeds] | None, str]:
     """The analysis (shapes probed on the first calibration feed, if any), the calibration
     feeds that errors are measured on, and a line saying which they are. With calibration data
     the analysis carries each site's input statistics (data-aware SVD and spatial SVD), fitted
     on the other feeds (``split_calibration``)."""
-    onnx_shapes = input_shapes if loaded.input_path else None
+    onnx_shapes = loaded.onnx_shapes
     if calib is None:
         return analyze_model(loaded.canonical, onnx_shapes, seed), None, ""
     calib_feeds = runtime.load_calibration(
@@ -321,8 +324,8 @@ def plan_for_budget(
     """Search the plan that meets ``budget`` with the least predicted error, check it on the
     device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
     check_output_folders(output, report, plot)
-    loaded = load(model, example_inputs, _torch_shapes(input_shapes))
-    analysis, calib_feeds, _ = _calibrated_analysis(loaded, input_shapes, calib, seed, progress)
+    loaded = load(model, example_inputs, input_shapes)
+    analysis, calib_feeds, _ = _calibrated_analysis(loaded, calib, seed, progress)
     outcome = _search(loaded.source, analysis, budget, calib_feeds, samples, seed, progress)
     if output is not None:
         write_json(output, outcome.plan.to_dict())

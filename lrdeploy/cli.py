@@ -31,7 +31,8 @@ from lrdeploy.targets.devices import DTYPES
 MODEL_HELP = ("an .onnx file (external data must sit in its folder), or FILE.py:FACTORY, a "
               "function returning a torch.nn.Module (traced with --input-shape)")
 SHAPE_HELP = ("input shape, e.g. 1,3,224,224 (the only input) or NAME=1,128; repeat for several "
-              "inputs. Dynamic axes not given default to 1 (axis 0) and 32 (others)")
+              "inputs. An axis the model names takes the size given for it in any input; "
+              "dynamic axes not given default to 1 (axis 0) and 32 (others)")
 
 
 def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]] | None:

@@ -137,12 +137,12 @@ def compile_model(
                               save_plan=staged / "plan.json", **compress_options)
             compression = result.report["totals"]
             plan_notes = [f"compressed by {result.report['plan_source']}"]
-            onnx_model = result.model
+            onnx_model, specs = result.model, result.analysis.specs
         else:
-            onnx_model = load(model, input_shapes=_torch_shapes(model, input_shapes)).original
+            loaded = load(model, input_shapes=input_shapes)
+            onnx_model = loaded.original
             ir.save(onnx_model, onnx_path)
-        onnx_shapes = input_shapes if _is_onnx_path(model) else None
-        specs = runtime.input_specs(onnx_model, onnx_shapes)
+            specs = runtime.input_specs(onnx_model, loaded.onnx_shapes)
         name = Path(model).name if isinstance(model, str | os.PathLike) else "the model"
         if hasattr(family, "check_input_count"):  # before TVM's import and build
             family.check_input_count(len(specs), name)
@@ -231,16 +231,6 @@ def _half_precision_error(mod: Any, onnx_model: ir.Model, specs: Sequence, sampl
                                                   for out in produced], unoptimized)
     return {"feeds": f"{samples} random feed(s)", "outputs": [f.to_dict() for f in fidelity],
             "max_relative_error": max(f.relative_l2_error for f in fidelity)}
-
-
-def _is_onnx_path(model: Any) -> bool:
-    return isinstance(model, str | os.PathLike) and str(model).endswith(".onnx")
-
-
-def _torch_shapes(model: Any, input_shapes) -> list | None:
-    if _is_onnx_path(model) or not input_shapes:
-        return None
-    return list(input_shapes.values())
 
 
 def _swap_into_place(staged: Path, outdir: Path) -> None:

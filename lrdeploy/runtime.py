@@ -65,6 +65,7 @@ def input_specs(
             f"--input-shape names {', '.join(unknown)}, but the model's inputs are "
             f"{', '.join(sorted(known))}"
         )
+    sizes = _named_axis_sizes(inputs, shapes)
     specs = []
     for value in inputs:
         if value.dtype is None:
@@ -93,12 +94,40 @@ def input_specs(
         for axis, dim in enumerate(dims):
             if _is_static(dim):
                 concrete.append(dim)
+            elif _axis_name(dim) in sizes:
+                concrete.append(sizes[_axis_name(dim)])
             else:
                 concrete.append(1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
                 assumed.append(axis)
+                if _axis_name(dim):  # every input's axis of this name gets the same size
+                    sizes[_axis_name(dim)] = concrete[-1]
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(concrete),
                                tuple(assumed), static))
     return specs
+
+
+def _axis_name(dim: object) -> str | None:
+    return dim.value if isinstance(dim, ir.SymbolicDim) and dim.value else None
+
+
+def _named_axis_sizes(inputs: Sequence[ir.Value], shapes: Mapping[str, Sequence[int]]
+                      ) -> dict[str, int]:
+    """The sizes ``shapes`` gives the model's named dynamic axes: an axis of that name in an
+    input not given takes the same size, as the model declares (``input_ids`` given as 1,128
+    sets ``attention_mask``'s ``sequence_length`` to 128 too)."""
+    sizes: dict[str, int] = {}
+    for value in inputs:
+        given = shapes.get(value.name)
+        if given is None or value.shape is None or len(value.shape.dims) != len(given):
+            continue
+        for dim, size in zip(value.shape.dims, given, strict=True):
+            name = _axis_name(dim)
+            if name is None:
+                continue
+            if sizes.setdefault(name, int(size)) != int(size):
+                raise LrdeployError(f"--input-shape gives the model's axis '{name}' two sizes, "
+                                    f"{sizes[name]} and {int(size)} ({value.name})")
+    return sizes
 
 
 def _is_static(dim: object) -> bool:

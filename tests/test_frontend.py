@@ -101,3 +101,20 @@ def test_dynamic_axes_written_as_minus_one_get_the_default_size():
     (spec,) = result.report["inputs"]
     assert spec["shape"] == [1, 64] and spec["assumed_axes"] == [0]
     assert result.report["sites"][0]["flops_before"] == 2 * 64 * 48
+
+
+def test_an_axis_given_for_one_input_sizes_the_same_named_axis_of_the_others():
+    """input_ids=1,128 alone once left attention_mask at the default 32, and the model failed to
+    run (an Add broadcasting 32 by 128): the README's own example on a BERT-like model."""
+    nodes = [helper.make_node("Add", ["ids", "mask"], ["s"]),
+             helper.make_node("MatMul", ["s", "w"], ["y"], name="mm")]
+    model = make_model(nodes, [tensor_value("ids", ["batch", "sequence", 64]),
+                               tensor_value("mask", ["batch", "sequence", 64])],
+                       ["y"], [weight("w", (64, 48), 0)])
+    result = lrdeploy.compress(model, rank="full", guard=False,
+                               input_shapes={"ids": (2, 128, 64)})
+    ids, mask = result.report["inputs"]
+    assert ids["shape"] == mask["shape"] == [2, 128, 64]
+    assert mask["assumed_axes"] == []
+    with pytest.raises(LrdeployError, match="axis 'sequence' two sizes, 128 and 64"):
+        lrdeploy.compress(model, input_shapes={"ids": (2, 128, 64), "mask": (2, 64, 64)})
