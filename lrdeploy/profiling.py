@@ -10,6 +10,7 @@ Timings taken on an emulated device are labelled as such: they say nothing about
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 import statistics
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from lrdeploy import frontend, runtime
-from lrdeploy.errors import LrdeployError
+from lrdeploy.errors import LrdeployError, warn
 
 RUNTIMES = ("tvm", "ort")
 LAYER_KINDS = ("factorized", "dense_site", "other")
@@ -45,6 +46,7 @@ class Timing:
     max_relative_error: float | None = None  # outputs vs onnxruntime, when fetched
     device_threads: int | None = None  # as the TVM runtime on the device reports it
     layers: list[dict] = field(default_factory=list)  # --per-layer: see layer_summary
+    inputs: dict[str, list[int]] = field(default_factory=dict)  # the shapes it ran at
 
     def layer_summary(self) -> dict[str, float] | None:
         """Share of the per-layer time spent in factorized sites, dense sites and the rest."""
@@ -398,24 +400,36 @@ def profile(
     place = _Place(rpc, tracker, key, timeout_s)
     result = ProfileResult([], {"where": place.label, "target": target,
                                 "emulated": emulated and place.remote})
+    manifests = {}
+    for item in map(Path, items):
+        if item.is_dir() or (item / MANIFEST).exists():
+            manifests[item] = read_manifest(item)
+        elif item.suffix != ".onnx":
+            raise LrdeployError(f"{item}: neither an artifact folder nor an .onnx file")
+    # An .onnx beside artifacts runs at their shapes (when they agree), not at the defaults
+    # for dynamic axes: "vs first" then compares like with like.
+    fixed = {json.dumps(m["inputs"]) for m in manifests.values()}
+    beside = ({s["name"]: s["shape"] for s in next(iter(manifests.values()))["inputs"]}
+              if len(fixed) == 1 else {})
     with tempfile.TemporaryDirectory() as tmp:
-        for item in items:
-            item = Path(item)
-            if item.is_dir() or (item / MANIFEST).exists():
-                manifest = read_manifest(item)
+        for item in map(Path, items):
+            manifest = manifests.get(item)
+            if manifest is not None:
                 outdir, onnx_path = item, item / manifest["onnx"]
-            elif item.suffix == ".onnx":
-                outdir, manifest, onnx_path = None, None, item
+                model = frontend.load_onnx(onnx_path)
+                shapes = {s["name"]: s["shape"] for s in manifest["inputs"]}
             else:
-                raise LrdeployError(f"{item}: neither an artifact folder nor an .onnx file")
-            model = frontend.load_onnx(onnx_path)
-            shapes = ({s["name"]: s["shape"] for s in manifest["inputs"]} if manifest
-                      else input_shapes)
+                outdir, onnx_path = None, item
+                model = frontend.load_onnx(onnx_path)
+                names = {v.name for v in runtime.graph_inputs(model)}
+                shapes = input_shapes if input_shapes is not None else {
+                    name: shape for name, shape in beside.items() if name in names}
             specs = runtime.input_specs(model, shapes)
             feed = runtime.random_inputs(model, specs, seed)
+            inputs = {name: list(value.shape) for name, value in feed.items()}
             for name in runtimes:
                 if name == "ort":
-                    timing = Timing(str(item), "onnxruntime", "local")
+                    timing = Timing(str(item), "onnxruntime", "local", inputs=inputs)
                     result.timings.append(timing)
                     _time_ort(onnx_path, feed, runs, warmup, threads, timing, progress)
                     if per_layer:
@@ -425,10 +439,10 @@ def profile(
                     progress(f"compiling {item.name} for {target}")
                     outdir = Path(tmp) / f"{len(result.timings)}-{item.stem}"
                     manifest = compile_model(item, target, outdir, device_file=device_file,
-                                             input_shapes=input_shapes, dtype=dtype)
+                                             input_shapes=inputs, dtype=dtype)
                 device = manifest["device"]
                 timing = Timing(str(item), "tvm", f"{device['name']} via {place.label}",
-                                emulated and place.remote)
+                                emulated and place.remote, inputs=inputs)
                 result.timings.append(timing)
                 if manifest.get("mcu"):
                     timing.error = (f"{device['name']} C projects are not timed by lrdeploy "
@@ -450,4 +464,13 @@ def profile(
                 names, reference, unoptimized = reference_outputs(model, [feed])
                 fidelity = compare_outputs(names, reference, [outputs], unoptimized)
                 timing.max_relative_error = max(f.relative_l2_error for f in fidelity)
+    shapes_run = {json.dumps(t.inputs, sort_keys=True) for t in result.timings}
+    if len(shapes_run) > 1:
+        warn("the items ran at different input shapes, so 'vs first' compares unlike work: "
+             + "; ".join(f"{Path(t.model).name} {_shapes_text(t.inputs)}"
+                         for t in result.timings) + " (give --input-shape)")
     return result
+
+
+def _shapes_text(inputs: dict[str, list[int]]) -> str:
+    return ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in inputs.items())
