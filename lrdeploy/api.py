@@ -270,9 +270,9 @@ class Budget:
 
     ``engine`` measures latency (``lrdeploy.latency``; default TVM over RPC when
     ``rpc``/``tracker`` is given, else onnxruntime on the host and the roofline estimate on
-    other targets). ``data_aware``
-    offers SVD and spatial SVD factors whitened by the calibration activations (when there are
-    any) beside the plain ones, and keeps whichever errs less on the held-out samples.
+    other targets). ``data_aware`` offers SVD and spatial SVD factors whitened by the
+    calibration activations (when there are any) beside the plain ones, and keeps whichever
+    errs less on the held-out samples.
     """
 
     kind: str

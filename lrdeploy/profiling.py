@@ -414,16 +414,15 @@ def profile(
     with tempfile.TemporaryDirectory() as tmp:
         for item in map(Path, items):
             manifest = manifests.get(item)
+            outdir, onnx_path = (item, item / manifest["onnx"]) if manifest else (None, item)
+            model = frontend.load_onnx(onnx_path)
             if manifest is not None:
-                outdir, onnx_path = item, item / manifest["onnx"]
-                model = frontend.load_onnx(onnx_path)
                 shapes = {s["name"]: s["shape"] for s in manifest["inputs"]}
+            elif input_shapes is not None:
+                shapes = input_shapes
             else:
-                outdir, onnx_path = None, item
-                model = frontend.load_onnx(onnx_path)
                 names = {v.name for v in runtime.graph_inputs(model)}
-                shapes = input_shapes if input_shapes is not None else {
-                    name: shape for name, shape in beside.items() if name in names}
+                shapes = {name: shape for name, shape in beside.items() if name in names}
             specs = runtime.input_specs(model, shapes)
             feed = runtime.random_inputs(model, specs, seed)
             inputs = {name: list(value.shape) for name, value in feed.items()}
@@ -464,11 +463,11 @@ def profile(
                 names, reference, unoptimized = reference_outputs(model, [feed])
                 fidelity = compare_outputs(names, reference, [outputs], unoptimized)
                 timing.max_relative_error = max(f.relative_l2_error for f in fidelity)
-    shapes_run = {json.dumps(t.inputs, sort_keys=True) for t in result.timings}
-    if len(shapes_run) > 1:
+    shapes_run = {Path(t.model).name: t.inputs for t in result.timings}
+    if len({json.dumps(inputs, sort_keys=True) for inputs in shapes_run.values()}) > 1:
         warn("the items ran at different input shapes, so 'vs first' compares unlike work: "
-             + "; ".join(f"{Path(t.model).name} {_shapes_text(t.inputs)}"
-                         for t in result.timings) + " (give --input-shape)")
+             + "; ".join(f"{name} {_shapes_text(inputs)}" for name, inputs in shapes_run.items())
+             + " (give --input-shape)")
     return result
 
 
