@@ -1,7 +1,8 @@
 """Latency on this machine, side by side in one run: dense ONNX and factorized ONNX on
-onnxruntime, the factorized model compiled by TVM untuned and tuned (MetaSchedule).
+onnxruntime, the factorized model compiled by TVM untuned, with sampled schedules
+(``compile --sample-schedules``) and tuned (MetaSchedule).
 
-    .venv/bin/python benchmarks/host_latency.py [--tune-trials 64] [--rounds 5]
+    .venv/bin/python benchmarks/host_latency.py [--tune-trials 64] [--rounds 5] [--only NAME]
 
 Configurations are timed in interleaved rounds (each round times every configuration once) and
 the median over rounds is reported, so a burst of load on a shared machine hits all of them
@@ -77,6 +78,9 @@ def bench_model(label: str, spec: dict, work: Path, trials: int, rounds: int) ->
     }
     untuned = compile_model(low_rank, "host", work / "untuned", input_shapes=spec["shapes"])
     configs["low-rank, TVM untuned"] = tvm_timer(work / "untuned", untuned, feed)
+    sampled = compile_model(low_rank, "host", work / "sampled", input_shapes=spec["shapes"],
+                            sample_schedules=True)
+    configs["low-rank, TVM sampled schedules"] = tvm_timer(work / "sampled", sampled, feed)
     if trials:
         print(f"== {label}: tuning {trials} trials", flush=True)
         start = time.time()

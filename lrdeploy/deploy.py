@@ -81,6 +81,7 @@ def compile_model(
     device_file: str | os.PathLike[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     tune_trials: int = 0,
+    sample_schedules: bool = False,
     compress_options: Mapping[str, Any] | None = None,
     dtype: str = "float32",
     progress: Progress = lambda message: None,
@@ -117,7 +118,15 @@ def compile_model(
         compress_options = {**compress_options, "budget": dataclasses.replace(budget, dtype=dtype)}
     if tune_trials and device.family != "host":
         raise LrdeployError(f"tuning for '{device.name}' needs the device itself (RPC, in the "
-                            "profile command); without one, compile untuned (--tune-trials 0)")
+                            "profile command); without one, compile untuned (--tune-trials 0) "
+                            "or with --sample-schedules")
+    if sample_schedules and tune_trials:
+        raise LrdeployError("give --tune-trials or --sample-schedules, not both (tuning "
+                            "measures its own schedules)")
+    if sample_schedules and (device.tvm_target["kind"] != "llvm"
+                             or hasattr(family, "compile_fused")):
+        raise LrdeployError(f"--sample-schedules is for CPU targets run by TVM's VM; "
+                            f"'{device.name}' is {device.family}")
     if device.cross_compiler and not device.ndk:
         from lrdeploy.targets.runner import require_tool
 
@@ -169,6 +178,11 @@ def compile_model(
                 shutil.copytree(outdir / TUNING_DIR, database)
             progress(f"tuning with MetaSchedule ({tune_trials} trials)")
             tuning.tune(fused, device, database, tune_trials, progress)
+        elif sample_schedules:
+            from lrdeploy.targets import tuning
+
+            database = staged / TUNING_DIR
+            sampled = tuning.sample(fused, device, database, progress)
         progress(f"compiling for {device.name}")
         kernels = build.kernel_table(fused, proto)
         details = None
@@ -196,7 +210,9 @@ def compile_model(
             "outputs": [v.name for v in onnx_model.graph.outputs],
             "param_bytes": param_bytes,
             "onnx_param_bytes": initializer_bytes(onnx_model),
-            "tuning": {"trials": tune_trials, "database": TUNING_DIR} if tune_trials else None,
+            "tuning": ({"trials": tune_trials, "database": TUNING_DIR} if tune_trials else
+                       {"sampled_kernels": sampled, "database": TUNING_DIR} if sample_schedules
+                       else None),
             "compression": compression,
             "kernels": kernels,
             "kernels_library": "kernels.so" if (staged / "kernels.so").is_file() else None,

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 import lrdeploy
-from conftest import EXAMPLES, package_file, run_cli
+from conftest import EXAMPLES, decaying_mlp, package_file, run_cli
 from lrdeploy.deploy import bundle_artifact, compile_model, read_manifest, verify_artifact
 from lrdeploy.errors import LrdeployError
 
@@ -132,6 +132,26 @@ def test_host_compile_and_verify_in_process(tmp_path, minilm_l3):
         (incomplete / name).unlink()
         for command in (["verify", incomplete], ["profile", incomplete, "--runs", "1"]):
             _assert_clean_failure(run_cli(*command), f"{name} is missing")
+
+
+def test_sampled_schedules_are_stored_and_the_artifact_still_matches(tmp_path):
+    """--sample-schedules gives every kernel a MetaSchedule schedule without measuring (TVM's
+    CPU pipeline schedules none); the artifact still matches onnxruntime."""
+    model = decaying_mlp(tmp_path / "mlp.onnx", rows=32, width=64, hidden=128)
+    outdir = tmp_path / "sampled"
+    proc = run_cli("compile", model, "--target", "host", "--sample-schedules", "-o", outdir)
+    assert proc.returncode == 0, proc.stderr
+    manifest = read_manifest(outdir)
+    sampled = manifest["tuning"]["sampled_kernels"]
+    assert manifest["tuning"]["database"] == "tuning"
+    assert 2 <= sampled <= len(manifest["kernels"])
+    records = (outdir / "tuning" / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) == sampled
+    proc = run_cli("verify", outdir)
+    assert proc.returncode == 0, proc.stderr
+    refused = run_cli("compile", model, "--target", "cortex-m4", "--sample-schedules", "-o",
+                      tmp_path / "m4")
+    _assert_clean_failure(refused, "--sample-schedules is for CPU targets run by TVM's VM")
 
 
 def test_android_without_ndk_writes_object_archive(tmp_path, minilm_l3, monkeypatch):
