@@ -289,6 +289,7 @@ class Budget:
     tensor_train: bool = False  # tensor-train layers are candidates too
     threads: int | None = None  # runtime threads for measured latency (None: the runtime's)
     dtype: str = "float32"  # the precision the model will be compiled at (compile --dtype)
+    sample_schedules: bool = False  # TVM chains scheduled as compile --sample-schedules does
 
     def __post_init__(self) -> None:
         if self.kind not in ("ms", "params"):
@@ -355,7 +356,8 @@ def _search(source: str, analysis: ModelAnalysis, budget: Budget, calib_feeds, s
     else:
         feeds = calib_feeds[: max(samples, 1)]
     latency = latency_model(device, budget.engine, budget.rpc, budget.tracker, budget.key,
-                            budget.cache, budget.device_file, budget.threads, budget.dtype)
+                            budget.cache, budget.device_file, budget.threads, budget.dtype,
+                            budget.sample_schedules)
     methods = ("svd", "tucker2", "spatial", *(("tt",) if budget.tensor_train else ()))
     planner = Planner(analysis, device, latency, feeds, methods=methods,
                       data_aware=budget.data_aware, progress=progress)

@@ -137,6 +137,10 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
                                  "--dtype): float16 plans with GPU latencies at half precision "
                                  "(chains compiled in float16; the roofline takes the device's "
                                  "float16 peak and 2-byte values). Default float32")
+        group.add_argument("--sample-schedules", action="store_true",
+                           help="with the tvm engine: compile the timed chains with sampled "
+                                "schedules, as compile --sample-schedules will compile the "
+                                "model (their figures are a table of their own)")
     budgets = group.add_mutually_exclusive_group(required=required)
     budgets.add_argument("--budget-ms", metavar="MS|PCT%",
                          help="latency budget on the target in ms, or a share of the dense "
@@ -187,7 +191,7 @@ def _budget(args) -> api.Budget | None:
                       tracker=args.tracker, key=args.key, device_file=args.device_file,
                       data_aware=not args.plain_svd, cache=not args.no_latency_cache,
                       tensor_train=args.tt, threads=args.latency_threads,
-                      dtype=args.dtype)
+                      dtype=args.dtype, sample_schedules=args.sample_schedules)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -335,6 +339,9 @@ plan can meet fails with the least reachable latency.""")
     profile.add_argument("--target", default="host", help="device for compiling .onnx items")
     profile.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
     profile.add_argument("--input-shape", action="append", metavar="SHAPE", help=SHAPE_HELP)
+    profile.add_argument("--sample-schedules", action="store_true",
+                         help="compile .onnx items with sampled schedules (compile "
+                              "--sample-schedules)")
     profile.add_argument("--rpc", metavar="HOST:PORT", help="a TVM RPC server on the device")
     profile.add_argument("--tracker", metavar="HOST:PORT",
                          help="a TVM RPC tracker; needs --key")
@@ -506,7 +513,7 @@ def _profile(args, shapes, console: Console) -> int:
             threads=args.threads, timeout_s=args.timeout, emulated=args.emulated,
             per_layer=args.per_layer, min_repeat_ms=args.min_repeat_ms,
             device_file=args.device_file, input_shapes=shapes,
-            progress=lambda message: status.update(message),
+            sample_schedules=args.sample_schedules, progress=lambda message: status.update(message),
         )
     print_profile(console, result.to_dict())
     if args.json:

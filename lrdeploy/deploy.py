@@ -113,9 +113,11 @@ def compile_model(
         raise LrdeployError("--tune-trials must be >= 0")
     check_dtype(device, dtype)
     budget = (compress_options or {}).get("budget")
-    if budget is not None and budget.dtype != dtype:
-        # The plan must meet the budget at the precision the model is compiled at.
-        compress_options = {**compress_options, "budget": dataclasses.replace(budget, dtype=dtype)}
+    if budget is not None:
+        # The plan must meet the budget at the precision and with the schedules the model is
+        # compiled with.
+        compress_options = {**compress_options, "budget": dataclasses.replace(
+            budget, dtype=dtype, sample_schedules=sample_schedules)}
     if tune_trials and device.family != "host":
         raise LrdeployError(f"tuning for '{device.name}' needs the device itself (RPC, in the "
                             "profile command); without one, compile untuned (--tune-trials 0) "

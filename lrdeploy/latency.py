@@ -109,6 +109,7 @@ class LatencyModel:
     threads: int | None = None  # runtime threads the figures were timed with (None: default)
     dtype = "float32"  # the precision the device runs the model at
     board = ""  # which board of the device's kind timed them: a tracker key or an RPC address
+    schedules = ""  # how TVM scheduled the chains: "" (none, untuned) or "sampled"
 
     def __init__(self, device: Device, cache: bool = True) -> None:
         self.device = device
@@ -117,6 +118,7 @@ class LatencyModel:
         # for a real board's figures.
         name = self.engine + (f"-{self.threads}t" if self.threads else "") + (
             f"-{self.dtype}" if self.dtype != "float32" else "") + (
+            f"-{self.schedules}" if self.schedules else "") + (
             "@" + re.sub(r"[^A-Za-z0-9._-]", "_", self.board) if self.board else "")
         self.table = (LatencyTable(cache_path(device, name), self.stamp()) if cache
                       else LatencyTable(None))
@@ -144,6 +146,7 @@ class LatencyModel:
     def label(self) -> str:
         threads = f", {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""
         dtype = f", {self.dtype}" if self.dtype != "float32" else ""
+        dtype += f", {self.schedules} schedules" if self.schedules else ""
         # No parentheses: the label is itself set in parentheses (budget line, table header).
         board = f", {self.board}" if self.board else ""
         return f"{self.engine} on {self.device.name}{board}{threads}{dtype}" + (
@@ -319,9 +322,12 @@ class TvmLatency(LatencyModel):
     def __init__(self, device: Device, cache: bool = True, rpc: str | None = None,
                  tracker: str | None = None, key: str | None = None, runs: int = 10,
                  device_file: str | os.PathLike[str] | None = None,
-                 threads: int | None = None, dtype: str = "float32") -> None:
+                 threads: int | None = None, dtype: str = "float32",
+                 sample_schedules: bool = False) -> None:
         self.threads = threads
         self.dtype = dtype
+        # Chains compiled as compile --sample-schedules will compile the model.
+        self.schedules = "sampled" if sample_schedules else ""
         self.board = f"rpc {rpc}" if rpc else f"key {key}" if tracker else ""
         if device.family != "host" and not (rpc or tracker):
             raise LrdeployError(f"measuring on '{device.name}' needs its RPC server (--rpc "
@@ -343,7 +349,8 @@ class TvmLatency(LatencyModel):
                 paths.append(path)
             result = profile(paths, target=self.device.name, runtimes=("tvm",), runs=self.runs,
                              device_file=self.device_file, min_repeat_ms=20, progress=progress,
-                             threads=self.threads, dtype=self.dtype, **self.place)
+                             threads=self.threads, dtype=self.dtype,
+                             sample_schedules=bool(self.schedules), **self.place)
         if result.failed:
             raise LrdeployError(f"timing on {self.device.name} failed: {result.failed[0].error}")
         return [t.stats()["median_ms"] for t in result.timings]
@@ -446,6 +453,7 @@ def latency_model(
     device_file: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     dtype: str = "float32",
+    sample_schedules: bool = False,
 ) -> LatencyModel:
     """The engine asked for, or the default: TVM over RPC when a device server is given,
     else onnxruntime on the host and the roofline estimate on other devices; ``dtype`` is the
@@ -459,7 +467,7 @@ def latency_model(
         return OnnxruntimeLatency(device, cache, threads=threads)
     if engine == "tvm":
         return TvmLatency(device, cache, rpc, tracker, key, device_file=device_file,
-                          threads=threads, dtype=dtype)
+                          threads=threads, dtype=dtype, sample_schedules=sample_schedules)
     if engine == "roofline":
         return RooflineLatency(device, dtype=dtype)
     raise LrdeployError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")

@@ -377,6 +377,7 @@ def profile(
     input_shapes: dict | None = None,
     seed: int = 0,
     dtype: str = "float32",
+    sample_schedules: bool = False,
     progress: Progress = lambda message: None,
 ) -> ProfileResult:
     """Time each item (an artifact folder from ``compile``, or an ``.onnx``) on each runtime.
@@ -387,7 +388,8 @@ def profile(
     ``per_layer`` adds per-kernel (TVM) and per-node (onnxruntime) times, mapped to sites.
     ``min_repeat_ms`` makes each TVM sample repeat the model until it has run that long and
     report the mean (steadier figures for very fast models). ``dtype`` is the precision an
-    ``.onnx`` item is compiled at (``compile --dtype``).
+    ``.onnx`` item is compiled at (``compile --dtype``), and ``sample_schedules`` gives its
+    kernels sampled schedules (``compile --sample-schedules``).
     """
     from lrdeploy.deploy import MANIFEST, compile_model, read_manifest
     from lrdeploy.verify import compare_outputs, reference_outputs
@@ -438,7 +440,8 @@ def profile(
                     progress(f"compiling {item.name} for {target}")
                     outdir = Path(tmp) / f"{len(result.timings)}-{item.stem}"
                     manifest = compile_model(item, target, outdir, device_file=device_file,
-                                             input_shapes=inputs, dtype=dtype)
+                                             input_shapes=inputs, dtype=dtype,
+                                             sample_schedules=sample_schedules)
                 device = manifest["device"]
                 timing = Timing(str(item), "tvm", f"{device['name']} via {place.label}",
                                 emulated and place.remote, inputs=inputs)

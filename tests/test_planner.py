@@ -571,6 +571,28 @@ def test_tvm_engine_times_chains_on_host_and_caches_them(mlp, latency_cache):
     assert (latency_cache / "latency" / "host-tvm.json").is_file()
 
 
+def test_tvm_engine_with_sampled_schedules_compiles_chains_so(mlp, latency_cache, monkeypatch):
+    """A plan for compile --sample-schedules times its chains compiled the same way, in a
+    table of their own (untuned figures may not stand in for them)."""
+    from lrdeploy import deploy
+
+    compiled = []
+
+    def compile_and_record(*args, **kwargs):
+        compiled.append(kwargs["sample_schedules"])
+        return real_compile(*args, **kwargs)
+
+    real_compile = deploy.compile_model
+    monkeypatch.setattr(deploy, "compile_model", compile_and_record)
+    analysis = analyze_model(lrdeploy.load(mlp).canonical)
+    chain = standalone(analysis.model, analysis.sites[0])
+    engine = latency_model(get_device("host"), "tvm", sample_schedules=True)
+    assert engine.chain_ms([chain])[0] > 0 and compiled == [True]
+    assert "sampled schedules" in engine.label
+    assert (latency_cache / "latency" / "host-tvm-sampled.json").is_file()
+    assert TvmLatency(get_device("host")).table.entries == {}
+
+
 def test_compile_with_a_parameter_budget(mlp, tmp_path, latency_cache):
     out = tmp_path / "art"
     done = run_cli("compile", mlp, "--budget-params", "300000", "-o", out)
