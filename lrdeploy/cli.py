@@ -290,9 +290,9 @@ plan can meet fails with the least reachable latency.""")
                           help="CPU targets: give every kernel a schedule drawn from "
                                "MetaSchedule's design space (tiled, parallel, vectorized), "
                                "measuring nothing, so no board is needed. TVM otherwise "
-                               "schedules nothing for CPUs: MiniLM-L3 at 1 x 128 ran 92 ms "
-                               "sampled against 987 ms untuned on this x86 host (onnxruntime: "
-                               "17 ms). Costs about 30 s plus a second a kernel")
+                               "schedules nothing for CPUs: MiniLM-L3 at 1 x 128 ran 97 ms "
+                               "sampled against 1008 ms untuned on this x86 host (onnxruntime: "
+                               "8.8 ms). Costs about 30 s plus a second a kernel")
     compile_.add_argument("--device-file", metavar="FILE", help=DEVICE_FILE_HELP)
     _add_dtype_option(compile_, "GPU targets: float16 runs weights and activations in half "
                                 "precision; the error this costs against float32 onnxruntime "
