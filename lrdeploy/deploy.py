@@ -172,19 +172,17 @@ def compile_model(
             half_precision = _half_precision_error(mod, onnx_model, specs)
         fused = build.fuse(mod, device)
         database = None
-        if tune_trials:
+        if tune_trials or sample_schedules:
             from lrdeploy.targets import tuning
 
             database = staged / TUNING_DIR
-            if (outdir / TUNING_DIR).is_dir():
-                shutil.copytree(outdir / TUNING_DIR, database)
-            progress(f"tuning with MetaSchedule ({tune_trials} trials)")
-            tuning.tune(fused, device, database, tune_trials, progress)
-        elif sample_schedules:
-            from lrdeploy.targets import tuning
-
-            database = staged / TUNING_DIR
-            sampled = tuning.sample(fused, device, database, progress)
+            if tune_trials:
+                if (outdir / TUNING_DIR).is_dir():
+                    shutil.copytree(outdir / TUNING_DIR, database)
+                progress(f"tuning with MetaSchedule ({tune_trials} trials)")
+                tuning.tune(fused, device, database, tune_trials, progress)
+            else:
+                sampled = tuning.sample(fused, device, database, progress)
         progress(f"compiling for {device.name}")
         kernels = build.kernel_table(fused, proto)
         details = None

@@ -146,10 +146,10 @@ class LatencyModel:
     def label(self) -> str:
         threads = f", {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""
         dtype = f", {self.dtype}" if self.dtype != "float32" else ""
-        dtype += f", {self.schedules} schedules" if self.schedules else ""
+        schedules = f", {self.schedules} schedules" if self.schedules else ""
         # No parentheses: the label is itself set in parentheses (budget line, table header).
         board = f", {self.board}" if self.board else ""
-        return f"{self.engine} on {self.device.name}{board}{threads}{dtype}" + (
+        return f"{self.engine} on {self.device.name}{board}{threads}{dtype}{schedules}" + (
             ", an estimate" if self.estimate else "")
 
     def chain_ms(self, models: Sequence[ir.Model], progress: Progress = lambda m: None

@@ -466,11 +466,11 @@ def profile(
                 names, reference, unoptimized = reference_outputs(model, [feed])
                 fidelity = compare_outputs(names, reference, [outputs], unoptimized)
                 timing.max_relative_error = max(f.relative_l2_error for f in fidelity)
-    shapes_run = {Path(t.model).name: t.inputs for t in result.timings}
+    shapes_run = {t.model: t.inputs for t in result.timings}  # an item's runtimes share them
     if len({json.dumps(inputs, sort_keys=True) for inputs in shapes_run.values()}) > 1:
         warn("the items ran at different input shapes, so 'vs first' compares unlike work: "
-             + "; ".join(f"{name} {_shapes_text(inputs)}" for name, inputs in shapes_run.items())
-             + " (give --input-shape)")
+             + "; ".join(f"{Path(model).name} {_shapes_text(inputs)}"
+                         for model, inputs in shapes_run.items()) + " (give --input-shape)")
     return result
 
 

@@ -92,15 +92,16 @@ def input_specs(
             )
         concrete, assumed = [], []
         for axis, dim in enumerate(dims):
+            name = _axis_name(dim)
             if _is_static(dim):
                 concrete.append(dim)
-            elif _axis_name(dim) in sizes:
-                concrete.append(sizes[_axis_name(dim)])
+            elif name in sizes:
+                concrete.append(sizes[name])
             else:
                 concrete.append(1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
                 assumed.append(axis)
-                if _axis_name(dim):  # every input's axis of this name gets the same size
-                    sizes[_axis_name(dim)] = concrete[-1]
+                if name:  # every input's axis of this name gets the same size
+                    sizes[name] = concrete[-1]
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(concrete),
                                tuple(assumed), static))
     return specs

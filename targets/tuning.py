@@ -63,7 +63,6 @@ def tune(fused: Any, device: Device, work_dir: Path, trials: int,
     )
 
 
-
 def sample(fused: Any, device: Device, work_dir: Path, progress: Callable[[str], None],
            seed: int = 1) -> int:
     """Store one schedule per kernel of ``fused``, sampled from its design space for
