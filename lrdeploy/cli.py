@@ -515,7 +515,8 @@ def _profile(args, shapes, console: Console) -> int:
             device_file=args.device_file, input_shapes=shapes,
             sample_schedules=args.sample_schedules, progress=lambda message: status.update(message),
         )
-    print_profile(console, result.to_dict())
+    if any(t.samples_ms for t in result.timings):  # else the error below says it all
+        print_profile(console, result.to_dict())
     if args.json:
         write_json(args.json, result.to_dict())
         console.print(f"wrote {args.json}")

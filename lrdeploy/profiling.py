@@ -160,6 +160,9 @@ class _Place:
 
         host, port = _parse_address(self.tracker, "--tracker")
         try:
+            # TVM's tracker client retries a refused connection for 60 s whatever the
+            # timeout: one plain attempt first tells a tracker that is not there at once.
+            socket.create_connection((host, port), timeout=self.timeout_s).close()
             tracker = rpc.connect_tracker(host, port)
             summary = tracker.summary()
         except Exception as exc:

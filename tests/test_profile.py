@@ -130,14 +130,20 @@ def test_unknown_key_lists_the_registered_ones(tracker_with_device, minilm_rpi4)
     assert f"registered keys: {KEY}" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_connection_refused_is_one_clear_line(minilm_rpi4, tmp_path):
+@pytest.mark.parametrize("place", [["--rpc"], ["--key", KEY, "--tracker"]])
+def test_connection_refused_is_one_clear_line(minilm_rpi4, tmp_path, place):
+    """Without a table of nothing measured; and a tracker that is not there is told at once
+    (TVM's tracker client alone retries a refused connection for 60 s)."""
     port = emulated.free_port()
     report = tmp_path / "p.json"
-    proc = run_cli("profile", minilm_rpi4, "--rpc", f"127.0.0.1:{port}", "--json", report)
+    start = time.monotonic()
+    proc = run_cli("profile", minilm_rpi4, *place, f"127.0.0.1:{port}", "--json", report)
+    assert time.monotonic() - start < 45
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("lrdeploy: error:") and "connection refused" in last
     assert "Traceback" not in proc.stderr
+    assert "Latency, ms" not in proc.stdout
     assert json.loads(report.read_text())["timings"][0]["error"]
 
 
