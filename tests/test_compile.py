@@ -154,6 +154,27 @@ def test_sampled_schedules_are_stored_and_the_artifact_still_matches(tmp_path):
     _assert_clean_failure(refused, "--sample-schedules is for CPU targets run by TVM's VM")
 
 
+def test_tuning_stores_its_trials_and_the_tuned_artifact_still_matches(tmp_path):
+    """--tune-trials measures MetaSchedule candidates here and keeps every trial in the
+    artifact's database (TVM's own builder would time out importing tensor_intrin in each
+    worker: targets/tuning.build_candidate); it is refused where the board is not here."""
+    model = decaying_mlp(tmp_path / "mlp.onnx", rows=32, width=64, hidden=128)
+    outdir = tmp_path / "tuned"
+    proc = run_cli("compile", model, "--target", "host", "--tune-trials", "4", "-o", outdir)
+    assert proc.returncode == 0, proc.stderr
+    manifest = read_manifest(outdir)
+    assert manifest["tuning"] == {"trials": 4, "database": "tuning"}
+    records = (outdir / "tuning" / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) == 4
+    # each candidate was built and timed (a failed one would carry 1e10 s or none)
+    assert all(0 < json.loads(r)[1][1][0] < 1 for r in records)
+    proc = run_cli("verify", outdir)
+    assert proc.returncode == 0, proc.stderr
+    refused = run_cli("compile", model, "--target", "rpi4", "--tune-trials", "4", "-o",
+                      tmp_path / "rpi4")
+    _assert_clean_failure(refused, "tuning for 'rpi4' needs the device itself")
+
+
 def test_android_without_ndk_writes_object_archive(tmp_path, minilm_l3, monkeypatch):
     monkeypatch.delenv("ANDROID_NDK_HOME", raising=False)
     manifest = compile_model(minilm_l3, "android-arm64", tmp_path / "android")
