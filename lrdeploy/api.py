@@ -21,7 +21,7 @@ from lrdeploy import frontend, runtime
 from lrdeploy.analysis import ModelAnalysis, analyze_model
 from lrdeploy.calibration import padding_mask_input, site_statistics, split_calibration
 from lrdeploy.errors import LrdeployError, warn
-from lrdeploy.fileio import check_output_folders, same_file, write_json
+from lrdeploy.fileio import check_outputs, write_json
 from lrdeploy.latency import check_engine
 from lrdeploy.plan import Plan, apply_plan, make_plan
 from lrdeploy.planner import PlanOutcome
@@ -160,10 +160,10 @@ def compress(
         raise LrdeployError(f"--min-fidelity {min_fidelity:g}: a cosine similarity is between "
                             "-1 and 1")
     loaded = load(model, example_inputs, input_shapes)
-    if output is not None:
-        _check_output_path(Path(output), loaded.input_path, report, save_plan)
-    else:
-        check_output_folders(report, save_plan)
+    if output is not None and Path(output).suffix != ".onnx":
+        raise LrdeployError(f"{output}: the output file name must end in .onnx")
+    plan_file = plan if isinstance(plan, str | os.PathLike) else None
+    check_outputs(output, report, save_plan, inputs=(loaded.input_path, calib, plan_file))
     analysis, calib_feeds, feed_source = _calibrated_analysis(loaded, calib, seed,
                                                               progress)
     if isinstance(plan, str | os.PathLike):
@@ -178,6 +178,7 @@ def compress(
     else:
         plan_source = f"--rank {rule} --method {method}"
         plan = make_plan(analysis, rule, method, only, skip, guard, tucker_sweeps)
+    plan = plan.as_applied(analysis.grams is not None, analysis.means is not None)
     compressed = apply_plan(loaded.canonical, plan, analysis.sites, analysis.grams,
                             analysis.means)
     check_onnx(compressed)
@@ -239,17 +240,6 @@ def _calibrated_analysis(loaded: Loaded, calib, seed: int, progress: Progress
     return analysis, split.held_out, source
 
 
-def _check_output_path(output: Path, input_path: Path | None, *others) -> None:
-    if output.suffix != ".onnx":
-        raise LrdeployError(f"{output}: the output file name must end in .onnx")
-    if input_path is not None and same_file(output, input_path):
-        raise LrdeployError(f"{output}: is the input model; choose another output path")
-    for other in others:
-        if other is not None and same_file(other, output):
-            raise LrdeployError(f"{other}: is also the output model path")
-    check_output_folders(output, *others)
-
-
 def save_model(model: ir.Model, output: Path) -> None:
     """Write atomically: into a temporary folder beside ``output``, then rename into place."""
     large = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
@@ -296,7 +286,7 @@ class Budget:
             raise LrdeployError(f"budget kind must be 'ms' or 'params', not {self.kind!r}")
         if self.threads is not None and self.threads < 1:
             raise LrdeployError(f"--latency-threads must be at least 1 (got {self.threads})")
-        check_engine(self.engine, self.rpc, self.tracker, self.key)
+        check_engine(self.engine, self.rpc, self.tracker, self.key, self.sample_schedules)
         if not self.value > 0 or (self.relative and self.value > 1):
             limit = " and at most 100%" if self.relative else ""
             raise LrdeployError(f"the budget must be positive{limit} (got {self})")
@@ -324,8 +314,8 @@ def plan_for_budget(
 ) -> PlanOutcome:
     """Search the plan that meets ``budget`` with the least predicted error, check it on the
     device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
-    check_output_folders(output, report, plot)
     loaded = load(model, example_inputs, input_shapes)
+    check_outputs(output, report, plot, inputs=(loaded.input_path, calib))
     analysis, calib_feeds, _ = _calibrated_analysis(loaded, calib, seed, progress)
     outcome = _search(loaded.source, analysis, budget, calib_feeds, samples, seed, progress)
     if output is not None:

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from lrdeploy import __version__, api
 from lrdeploy.errors import LrdeployError, LrdeployWarning
-from lrdeploy.fileio import check_output_folders, write_json
+from lrdeploy.fileio import check_outputs, write_json
 from lrdeploy.latency import ENGINES
 from lrdeploy.methods import METHOD_CHOICES
 from lrdeploy.ranks import RULE_SYNTAX
@@ -76,7 +76,7 @@ DEVICE_FILE_HELP = ("TOML or JSON table of extra devices keyed by name, with the
 def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str | None) -> None:
     group = parser.add_argument_group("compression")
     default = f" (default {default_rank})" if default_rank else " (compile: compress first)"
-    group.add_argument("--rank", default=default_rank, metavar="RULE",
+    group.add_argument("--rank", metavar="RULE",
                        help=f"rank rule: {RULE_SYNTAX}{default}")
     group.add_argument("--method", default="auto", choices=METHOD_CHOICES,
                        help="what k x k convs get: auto/tucker2 = Tucker-2, spatial = "
@@ -95,7 +95,7 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
                             "the first three quarters) and verify the result (on the last "
                             "quarter); positions an attention_mask input marks as padding are "
                             "left out; default: random inputs, plain factors")
-    group.add_argument("--samples", type=int, default=2,
+    group.add_argument("--samples", type=_count, default=2,
                        help="random feeds when there is no --calib (default 2)")
     group.add_argument("--min-fidelity", type=float, metavar="COSINE",
                        help="fail and write nothing if an output's cosine similarity to the "
@@ -105,12 +105,35 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
                             "(e.g. --rank full to check exactness)")
     group.add_argument("--tucker-sweeps", type=int, default=0, metavar="N",
                        help="HOOI sweeps refining the Tucker-2 HOSVD (default 0)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random feeds")
+    group.add_argument("--seed", type=_seed, default=0, help="seed of the random feeds")
+
+
+def _seed(text: str) -> int:
+    """An argparse type: numpy's generators take seeds from 0 to 2**32 - 1."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text}: a seed is between 0 and 2**32 - 1")
+    return value
+
+
+def _count(text: str) -> int:
+    """An argparse type: a count of one or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
+    return value
 
 
 def _compression_kwargs(args) -> dict:
-    if args.samples < 1:
-        raise LrdeployError("--samples must be >= 1")
+    chooser = "--plan" if args.plan else "--budget" if _budget(args) else None
+    overruled = [flag for flag, given in (
+        ("--rank", args.rank), ("--method", args.method != "auto"), ("--only", args.only),
+        ("--skip", args.skip), ("--no-guard", args.no_guard),
+        ("--tucker-sweeps", args.tucker_sweeps and chooser == "--plan")) if given]
+    if chooser and overruled:
+        what = ("--plan fixes" if chooser == "--plan" else "--budget-ms / --budget-params choose")
+        raise LrdeployError(f"{what} every site's method and ranks: drop "
+                            f"{', '.join(overruled)}, which would be overruled")
     return dict(rank=args.rank or "energy:0.9", method=args.method, only=args.only,
                 skip=args.skip, plan=args.plan, guard=not args.no_guard,
                 tucker_sweeps=args.tucker_sweeps, calib=args.calib, samples=args.samples,
@@ -247,10 +270,10 @@ plan can meet fails with the least reachable latency.""")
                       help="calibration inputs (as for compress): data-aware SVD and spatial "
                            "SVD fitted on the first three quarters, errors measured on the last "
                            "quarter; default random inputs and plain factors")
-    plan.add_argument("--samples", type=int, default=4,
+    plan.add_argument("--samples", type=_count, default=4,
                       help="feeds the error model uses (default 4; with --calib, at most "
                            "the held-out last quarter)")
-    plan.add_argument("--seed", type=int, default=0, help="seed of random feeds")
+    plan.add_argument("--seed", type=_seed, default=0, help="seed of random feeds")
     _add_budget_options(plan, target=True, required=True)
 
     targets = commands.add_parser(
@@ -313,8 +336,8 @@ plan can meet fails with the least reachable latency.""")
                         help="run an ARM artifact with the C++ runner under qemu-user, or a "
                              "microcontroller build under qemu-system-arm")
     verify.add_argument("--calib", metavar="NPZ", help="inputs (as for compress); default random")
-    verify.add_argument("--samples", type=int, default=2, help="random feeds (default 2)")
-    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--samples", type=_count, default=2, help="random feeds (default 2)")
+    verify.add_argument("--seed", type=_seed, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest relative L2 error accepted (default 1e-4); an output "
                              "within onnxruntime's own float32 noise floor also passes")
@@ -397,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _analyze(args, shapes, console: Console) -> int:
-    check_output_folders(args.json)
+    check_outputs(args.json, inputs=[args.model.split(":")[0]])
     with console.status("analysing (tracing, probing shapes, computing spectra)"):
         analysis = api.analyze(args.model, input_shapes=shapes)
         rows = analysis.rows()
@@ -422,8 +445,6 @@ def _compress(args, shapes, console: Console) -> int:
 
 
 def _plan(args, shapes, console: Console) -> int:
-    if args.samples < 1:
-        raise LrdeployError("--samples must be >= 1")
     output = args.output or f"{Path(args.model.split(':')[0]).stem}.plan.json"
     with console.status("planning") as status:
         outcome = api.plan_for_budget(
@@ -459,6 +480,15 @@ def _compile(args, shapes, console: Console) -> int:
 
     planned = args.budget_ms is not None or args.budget_params is not None
     compress_options = _compression_kwargs(args) if args.rank or args.plan or planned else None
+    if compress_options is None:
+        unused = [flag for flag, given in (
+            ("--method", args.method != "auto"), ("--only", args.only), ("--skip", args.skip),
+            ("--calib", args.calib), ("--min-fidelity", args.min_fidelity is not None),
+            ("--no-guard", args.no_guard), ("--tucker-sweeps", args.tucker_sweeps)) if given]
+        if unused:
+            raise LrdeployError(f"{', '.join(unused)}: compile compresses the model only "
+                                "with --rank, --plan or --budget-ms / --budget-params, so "
+                                "give one of those too (or drop these options)")
     with console.status("compiling") as status:
         manifest = compile_model(
             args.model, args.target, args.output, device_file=args.device_file,
@@ -505,7 +535,7 @@ def _bundle(args, shapes, console: Console) -> int:
 def _profile(args, shapes, console: Console) -> int:
     from lrdeploy.profiling import profile
 
-    check_output_folders(args.json, args.html)
+    check_outputs(args.json, args.html, inputs=args.items)
     with console.status("profiling") as status:
         result = profile(
             args.items, target=args.target, runtimes=args.runtime or ["tvm"], rpc=args.rpc,

@@ -104,9 +104,8 @@ def compile_model(
     if outdir.exists() and not outdir.is_dir():
         raise LrdeployError(f"{outdir}: exists and is a file, not a folder; choose a new or "
                             "empty folder for -o")
-    if outdir.exists() and any(outdir.iterdir()) and not (outdir / MANIFEST).is_file():
-        raise LrdeployError(f"{outdir}: exists and is not an lrdeploy artifact folder; "
-                            "choose a new or empty folder")
+    _check_replaceable(outdir, [model if isinstance(model, str | os.PathLike) else None,
+                                *((compress_options or {}).get(k) for k in ("calib", "plan"))])
     if not outdir.parent.is_dir():
         raise LrdeployError(f"{outdir}: parent folder {outdir.parent} does not exist")
     if tune_trials < 0:
@@ -116,8 +115,11 @@ def compile_model(
     if budget is not None:
         # The plan must meet the budget at the precision and with the schedules the model is
         # compiled with.
+        # The plan must meet the budget at the precision, with the schedules and on the
+        # runtime the model is compiled for: TVM's, also on the host.
+        engine = budget.engine or ("tvm" if device.family == "host" else None)
         compress_options = {**compress_options, "budget": dataclasses.replace(
-            budget, dtype=dtype, sample_schedules=sample_schedules)}
+            budget, dtype=dtype, sample_schedules=sample_schedules, engine=engine)}
     if tune_trials and device.family != "host":
         raise LrdeployError(f"tuning for '{device.name}' needs the device itself (RPC, in the "
                             "profile command); without one, compile untuned (--tune-trials 0) "
@@ -146,7 +148,11 @@ def compile_model(
             result = compress(model, onnx_path, input_shapes=input_shapes,
                               report=staged / "compression.json",
                               save_plan=staged / "plan.json", **compress_options)
-            compression = result.report["totals"]
+            compression = {**result.report["totals"],
+                           "verification": result.report["verification"]}
+            # The report names the model where it will be, not where it was staged.
+            write_json(staged / "compression.json",
+                       {**result.report, "output": str(outdir / MODEL_ONNX)})
             plan_notes = [f"compressed by {result.report['plan_source']}"]
             onnx_model, specs = result.model, result.analysis.specs
         else:
@@ -221,6 +227,7 @@ def compile_model(
             "dtype": dtype,
             "half_precision": half_precision,
         }
+        manifest["files"] = sorted([*(p.name for p in staged.iterdir()), MANIFEST])
         write_json(staged / MANIFEST, manifest)
         _swap_into_place(staged, outdir)
     return manifest
@@ -247,6 +254,31 @@ def _half_precision_error(mod: Any, onnx_model: ir.Model, specs: Sequence, sampl
                                                   for out in produced], unoptimized)
     return {"feeds": f"{samples} random feed(s)", "outputs": [f.to_dict() for f in fidelity],
             "max_relative_error": max(f.relative_l2_error for f in fidelity)}
+
+
+def _check_replaceable(outdir: Path, inputs: Sequence[Any]) -> None:
+    """Refuse an output folder whose replacement would lose something: a folder that is not
+    an earlier artifact (one with a manifest.json of its own, say a web app's), an artifact
+    holding files compile did not write there, or one holding an input."""
+    if not outdir.exists() or not any(outdir.iterdir()):
+        return
+    try:
+        manifest = json.loads((outdir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise LrdeployError(f"{outdir}: exists and is not an lrdeploy artifact folder; "
+                            "choose a new or empty folder")
+    for given in inputs:
+        if given is not None and outdir.resolve() in Path(given).resolve().parents:
+            raise LrdeployError(f"{given}: is inside {outdir}, which compile replaces; "
+                                "choose another output folder")
+    written = set(manifest.get("files") or ())  # earlier versions did not record them
+    others = sorted(p.name for p in outdir.iterdir() if written and p.name not in written)
+    if others:
+        raise LrdeployError(f"{outdir}: holds {', '.join(others)}, which compile did not write "
+                            "and would delete with the earlier artifact; move them or choose "
+                            "another folder")
 
 
 def _swap_into_place(staged: Path, outdir: Path) -> None:

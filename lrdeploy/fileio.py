@@ -10,26 +10,44 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from lrdeploy.errors import LrdeployError
 
 
-def check_output_folders(*targets: str | os.PathLike[str] | None) -> None:
-    """Refuse outputs whose folder does not exist, before any work: a command that wrote its
-    model and then failed on its report would leave half of what was asked."""
-    for target in targets:
-        if target is not None and not Path(target).parent.is_dir():
-            raise LrdeployError(f"{target}: output folder {Path(target).parent} does not exist")
+def check_outputs(*targets: str | os.PathLike[str] | None,
+                  inputs: Sequence[str | os.PathLike[str] | None] = ()) -> None:
+    """Refuse, before any work, outputs that would lose something: one whose folder does not
+    exist (a command that wrote its model and then failed on its report would leave half of
+    what was asked), one that is an input file or lies in an input folder (an artifact), and
+    one path given for two outputs (the second would replace the first)."""
+    given = [Path(t) for t in targets if t is not None]
+    sources = [Path(i).resolve() for i in inputs if i is not None]
+    seen: set[Path] = set()
+    for target in given:
+        if not target.parent.is_dir():
+            raise LrdeployError(f"{target}: output folder {target.parent} does not exist")
+        if target.is_dir():
+            raise LrdeployError(f"{target}: is a folder; give a file name for this output")
+        resolved = target.resolve()
+        for source in sources:
+            if resolved == source or source in resolved.parents:
+                what = "is the input" if resolved == source else "is inside the input folder"
+                raise LrdeployError(f"{target}: {what} {source}; outputs never replace inputs: "
+                                    "choose another path")
+        if resolved in seen:
+            raise LrdeployError(f"{target}: given for two outputs; the second would replace "
+                                "the first")
+        seen.add(resolved)
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` on success."""
     target = Path(target)
-    check_output_folders(target)
+    check_outputs(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -59,8 +77,3 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
-def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """True when both paths name the same file (after resolving links), existing or not."""
-    return Path(a).resolve() == Path(b).resolve()

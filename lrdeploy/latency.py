@@ -350,7 +350,8 @@ class TvmLatency(LatencyModel):
             result = profile(paths, target=self.device.name, runtimes=("tvm",), runs=self.runs,
                              device_file=self.device_file, min_repeat_ms=20, progress=progress,
                              threads=self.threads, dtype=self.dtype,
-                             sample_schedules=bool(self.schedules), **self.place)
+                             sample_schedules=bool(self.schedules), compared=False,
+                             **self.place)
         if result.failed:
             raise LrdeployError(f"timing on {self.device.name} failed: {result.failed[0].error}")
         return [t.stats()["median_ms"] for t in result.timings]
@@ -434,13 +435,17 @@ def _node_flops(node: onnx.NodeProto, ins: list, outs: list) -> float:
     return float(out)
 
 
-def check_engine(engine: str | None, rpc: str | None, tracker: str | None, key: str | None
-                 ) -> None:
-    """Refuse a device address that cannot be used, or one the engine would ignore."""
+def check_engine(engine: str | None, rpc: str | None, tracker: str | None, key: str | None,
+                 sample_schedules: bool = False) -> None:
+    """Refuse a device address that cannot be used, or one (or sampled schedules) the engine
+    would ignore."""
     check_place(rpc, tracker, key)
     if engine not in (None, "tvm") and (rpc or tracker):
         raise LrdeployError(f"--engine {engine} does not use a device server; --rpc and "
                             "--tracker are for --engine tvm")
+    if engine not in (None, "tvm") and sample_schedules:
+        raise LrdeployError(f"--sample-schedules is how TVM compiles the timed chains: it "
+                            f"needs --engine tvm, not {engine}")
 
 
 def latency_model(
@@ -459,9 +464,9 @@ def latency_model(
     else onnxruntime on the host and the roofline estimate on other devices; ``dtype`` is the
     precision the model will be compiled at (float16 only for GPU targets, never run by
     onnxruntime here)."""
-    check_engine(engine, rpc, tracker, key)
+    check_engine(engine, rpc, tracker, key, sample_schedules)
     if engine is None:
-        engine = ("tvm" if (rpc or tracker) else
+        engine = ("tvm" if rpc or tracker or (sample_schedules and device.family == "host") else
                   "onnxruntime" if device.family == "host" else "roofline")
     if engine == "onnxruntime":
         return OnnxruntimeLatency(device, cache, threads=threads)

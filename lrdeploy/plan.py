@@ -10,7 +10,7 @@ import fnmatch
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -62,6 +62,10 @@ class Plan:
         try:
             entries = [PlanEntry(e["site"], e["method"], [int(r) for r in e.get("ranks", [])],
                                  e.get("note", ""), e.get("tt")) for e in data["entries"]]
+            sites = [e.site for e in entries]
+            twice = sorted({site for site in sites if sites.count(site) > 1})
+            if twice:
+                raise ValueError(f"site(s) {', '.join(twice)} appear more than once")
             for entry in entries:
                 if entry.method == "tt":
                     entry.rule_ranks()  # a missing or malformed layout fails here
@@ -82,6 +86,23 @@ class Plan:
         except (ValueError, UnicodeDecodeError) as exc:
             raise LrdeployError(f"{path}: not JSON ({exc})") from None
         return cls.from_dict(data, str(path))
+
+    def as_applied(self, grams_given: bool, means_given: bool) -> Plan:
+        """The plan as it can be applied without the calibration statistics it lacks: plain
+        methods for data-aware ones without ``grams``, no bias correction without ``means``
+        (with a warning each), so that what is reported and saved is what the model got."""
+        asked = sorted({e.method for e in self.entries} & set(PLAIN))
+        plan = self
+        if not grams_given and asked:
+            warn(f"the plan asks for data-aware factors ({', '.join(asked)}) but no calibration "
+                 "data was given (--calib): those sites get plain factors")
+            plan = replace(plan, entries=[replace(e, method=PLAIN.get(e.method, e.method))
+                                          for e in plan.entries])
+        if not means_given and plan.bias_correction:
+            warn("the plan asks for bias correction but no calibration data was given "
+                 "(--calib): biases are left as they are")
+            plan = replace(plan, bias_correction=False)
+        return plan
 
     def factorized(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.method != DENSE]
@@ -146,13 +167,7 @@ def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site],
     SVD, spatial SVD and Tucker-2 entries, whitened or not."""
     by_name = {site.name: site for site in sites}
     groups: dict[type, tuple] = {}
-    asked = sorted({e.method for e in plan.entries} & set(PLAIN))
-    if grams is None and asked:
-        warn(f"the plan asks for data-aware factors ({', '.join(asked)}) but no calibration "
-             "data was given (--calib): those sites get plain factors")
-    if means is None and plan.bias_correction:
-        warn("the plan asks for bias correction but no calibration data was given (--calib): "
-             "biases are left as they are")
+    plan = plan.as_applied(grams is not None, means is not None)
     means = means if plan.bias_correction else None
     for entry in plan.factorized():
         site = by_name.get(entry.site)

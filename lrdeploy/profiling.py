@@ -381,6 +381,7 @@ def profile(
     seed: int = 0,
     dtype: str = "float32",
     sample_schedules: bool = False,
+    compared: bool = True,
     progress: Progress = lambda message: None,
 ) -> ProfileResult:
     """Time each item (an artifact folder from ``compile``, or an ``.onnx``) on each runtime.
@@ -392,7 +393,9 @@ def profile(
     ``min_repeat_ms`` makes each TVM sample repeat the model until it has run that long and
     report the mean (steadier figures for very fast models). ``dtype`` is the precision an
     ``.onnx`` item is compiled at (``compile --dtype``), and ``sample_schedules`` gives its
-    kernels sampled schedules (``compile --sample-schedules``).
+    kernels sampled schedules (``compile --sample-schedules``). Items that ran at different
+    shapes are warned of, as their ratios compare unlike work, unless not ``compared`` (a
+    planner's chains, each timed for itself).
     """
     from lrdeploy.deploy import MANIFEST, compile_model, read_manifest
     from lrdeploy.verify import compare_outputs, reference_outputs
@@ -470,7 +473,8 @@ def profile(
                 fidelity = compare_outputs(names, reference, [outputs], unoptimized)
                 timing.max_relative_error = max(f.relative_l2_error for f in fidelity)
     shapes_run = {t.model: t.inputs for t in result.timings}  # an item's runtimes share them
-    if len({json.dumps(inputs, sort_keys=True) for inputs in shapes_run.values()}) > 1:
+    if compared and len({json.dumps(inputs, sort_keys=True)
+                         for inputs in shapes_run.values()}) > 1:
         warn("the items ran at different input shapes, so 'vs first' compares unlike work: "
              + "; ".join(f"{Path(model).name} {_shapes_text(inputs)}"
                          for model, inputs in shapes_run.items()) + " (give --input-shape)")

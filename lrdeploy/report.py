@@ -201,6 +201,17 @@ def print_manifest(console: Console, outdir: str | os.PathLike[str], manifest: d
                   f"{os.path.join(outdir, manifest['artifact'])}")
     console.print(f"inputs {inputs}; weights embedded {manifest['param_bytes']:,} bytes "
                   f"(ONNX initializers {manifest['onnx_param_bytes']:,})")
+    compression = manifest.get("compression")
+    if compression:
+        checked = compression["verification"]
+        worst = max(checked["outputs"], key=lambda o: o["relative_l2_error"])
+        console.print(f"compressed: parameters {compression['model_params_before']:,} -> "
+                      f"{compression['model_params_after']:,} ({compression['sites_factorized']}"
+                      f" of {compression['sites']} sites factorized); against the model as "
+                      f"given, relative L2 error {worst['relative_l2_error']:.3e} (cosine "
+                      f"{worst['cosine']:.6f}, output '{worst['name']}') on "
+                      f"{checked['feed_source']}; details in "
+                      f"{os.path.join(outdir, 'compression.json')}")
     half = manifest.get("half_precision")
     if half:
         worst = max(half["outputs"], key=lambda o: o["relative_l2_error"])

@@ -216,6 +216,12 @@ def load_calibration(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -
     if len(counts) != 1:
         raise LrdeployError(f"{path}: arrays mix single samples and stacks of different sizes")
     (count,) = counts
+    if count == 0:
+        raise LrdeployError(f"{path}: the stacks hold no samples")
+    for spec in specs:
+        array = arrays[spec.name]
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise LrdeployError(f"{path}: array '{spec.name}' holds NaN or infinite values")
     cast = {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in specs}
     if count is None:
         return [cast]

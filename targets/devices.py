@@ -238,8 +238,20 @@ def load_device_file(path: str | os.PathLike[str]) -> dict[str, Device]:
         if values["family"] not in FAMILIES:
             raise LrdeployError(f"{path}: device '{name}': family must be one of "
                                 f"{', '.join(FAMILIES)}")
+        numbers = [f for f in POSITIVE_FIELDS if values.get(f) is not None]
+        wrong = [f"{f}={values[f]!r}" for f in numbers
+                 if isinstance(values[f], bool) or not isinstance(values[f], int | float)
+                 or not values[f] > 0]
+        if wrong:
+            raise LrdeployError(f"{path}: device '{name}': {', '.join(wrong)}: must be a number "
+                                "above 0")
         devices[name] = Device(**values)
     return devices
+
+
+# The roofline divides by these, and the planner steps ranks by simd_lanes.
+POSITIVE_FIELDS = ("cores", "peak_gflops", "bandwidth_gbs", "simd_lanes", "peak_gflops_fp16",
+                   "flash_kib", "ram_kib")
 
 
 def all_devices(device_file: str | os.PathLike[str] | None = None) -> dict[str, Device]:

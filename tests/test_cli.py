@@ -48,6 +48,15 @@ def _bad_inputs(tmp_path, small_model):
     narrow = tmp_path / "narrow.npz"
     np.savez(narrow, x=np.ones((4, 1, 95), np.float32))  # the model takes [batch, 96]
     (tmp_path / "inputs.npz").write_text("x = 1, 2, 3\n")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.ones((4, 1, 96), np.float32))
+    np.savez(tmp_path / "nan.npz", x=np.full((4, 1, 96), np.nan, np.float32))
+    np.savez(tmp_path / "empty.npz", x=np.ones((0, 1, 96), np.float32))
+    plan = tmp_path / "plan.json"
+    entry = {"site": "mm", "method": "svd", "ranks": [8]}
+    plan.write_text(json.dumps({"format": "lrdeploy-plan/1", "entries": [entry]}))
+    (tmp_path / "twice.json").write_text(json.dumps({"format": "lrdeploy-plan/1",
+                                                      "entries": [entry, entry]}))
     return {
         "missing file": ([tmp_path / "nope.onnx"], ["nope.onnx", "no such file"]),
         "truncated": ([truncated], ["truncated.onnx"]),
@@ -56,7 +65,22 @@ def _bad_inputs(tmp_path, small_model):
                              ["escape.onnx", "outside the model folder"]),
         "malformed rank": ([small_model, "--rank", "energy:1.5"], ["--rank", "energy:1.5"]),
         "unknown rank rule": ([small_model, "--rank", "quantile:3"], ["--rank", "quantile:3"]),
-        "output is input": ([small_model, "-o", small_model], ["is the input model"]),
+        "output is input": ([small_model, "-o", small_model], ["is the input"]),
+        "plan is input": ([small_model, "--save-plan", small_model], ["is the input"]),
+        "plan is the calibration": ([small_model, "--rank", "rank:8", "--calib", calib,
+                                     "--save-plan", calib], ["calib.npz", "is the input"]),
+        "plan is the report": ([small_model, "--save-plan", tmp_path / "out" / "report.json"],
+                               ["report.json", "given for two outputs"]),
+        "calibration with NaN": ([small_model, "--calib", tmp_path / "nan.npz"],
+                                 ["nan.npz", "NaN or infinite"]),
+        "calibration without samples": ([small_model, "--calib", tmp_path / "empty.npz"],
+                                        ["empty.npz", "no samples"]),
+        "plan and rank": ([small_model, "--plan", plan, "--rank", "rank:4"],
+                          ["--plan fixes", "drop --rank"]),
+        "budget and only": ([small_model, "--budget-params", "50%", "--only", "m*"],
+                            ["--budget-params choose", "drop --only"]),
+        "plan naming a site twice": ([small_model, "--plan", tmp_path / "twice.json"],
+                                     ["twice.json", "mm appear more than once"]),
         "calibration of another shape": ([small_model, "--rank", "rank:8", "--calib", narrow],
                                          ["narrow.npz", "samples of shape [1, 95]",
                                           "the model's input is [?,96]"]),
@@ -72,8 +96,11 @@ def _bad_inputs(tmp_path, small_model):
 
 
 CASES = ["missing file", "truncated", "not onnx", "external outside", "malformed rank",
-         "unknown rank rule", "output is input", "calibration of another shape",
-         "calibration not an npz", "plan in a missing folder", "min fidelity not a cosine"]
+         "unknown rank rule", "output is input", "plan is input", "plan is the calibration",
+         "plan is the report", "calibration of another shape", "calibration not an npz",
+         "calibration with NaN", "calibration without samples", "plan in a missing folder",
+         "min fidelity not a cosine", "plan and rank", "budget and only",
+         "plan naming a site twice"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -123,12 +150,12 @@ def test_compress_writes_model_report_and_plan_that_reapplies(tmp_path, small_mo
     assert site["flops_before"] == 2 * 3 * 96 * 80
     assert data["totals"]["model_params_after"] == 8 * (96 + 80)
     assert data["verification"]["onnx_checker"].startswith("passed")
-    # edit the plan by hand, re-apply it: the plan, not --rank, decides
+    # edit the plan by hand, re-apply it
     saved = json.loads(plan.read_text())
     saved["entries"][0]["ranks"] = [5]
     plan.write_text(json.dumps(saved))
     again = tmp_path / "again.onnx"
-    proc = run_cli("compress", small_model, "-o", again, "--plan", plan, "--rank", "rank:8")
+    proc = run_cli("compress", small_model, "-o", again, "--plan", plan)
     assert proc.returncode == 0, proc.stderr
     shapes = sorted(tuple(t.dims) for t in onnx.load(again).graph.initializer)
     assert shapes == [(5, 80), (96, 5)]
@@ -214,3 +241,52 @@ def test_help_explains_the_rank_rules():
     assert proc.returncode == 0
     for rule in ("rank:R", "ratio:F", "energy:E", "erank", "vbmf"):
         assert rule in proc.stdout
+
+
+@pytest.mark.parametrize("command, fragments", [
+    (["analyze", "{model}", "--json", "{model}"], ["is the input"]),
+    (["plan", "{model}", "--budget-params", "50%", "--plot", "{model}"], ["is the input"]),
+    (["plan", "{model}", "--budget-params", "50%", "-o", "{tmp}/p.json", "--report",
+      "{tmp}/p.json"], ["given for two outputs"]),
+    (["plan", "{model}", "--budget-ms", "50%", "--engine", "onnxruntime",
+      "--sample-schedules"], ["--sample-schedules", "needs --engine tvm"]),
+    (["targets", "--device-file", "{tmp}/board.json"], ["board.json", "peak_gflops=0",
+                                                         "above 0"]),
+])
+def test_other_commands_refuse_what_would_lose_or_ignore_something(tmp_path, small_model,
+                                                                   command, fragments):
+    (tmp_path / "board.json").write_text(json.dumps({"board": {
+        "description": "a board", "family": "arm_cpu", "tvm_target": {"kind": "llvm"},
+        "triple": "aarch64-linux-gnu", "cores": 4, "peak_gflops": 0, "bandwidth_gbs": 4,
+        "l2_kib": 512}}))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    proc = run_cli(*[part.format(model=small_model, tmp=tmp_path) for part in command])
+    _assert_one_line_error(proc, *fragments)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+@pytest.mark.parametrize("command, option", [
+    (["compress", "{model}", "-o", "{tmp}/o.onnx", "--seed", "-1"], "--seed"),
+    (["plan", "{model}", "--budget-params", "50%", "--samples", "0"], "--samples"),
+])
+def test_out_of_range_counts_and_seeds_are_usage_errors(tmp_path, small_model, command, option):
+    proc = run_cli(*[part.format(model=small_model, tmp=tmp_path) for part in command])
+    assert proc.returncode == 2
+    assert f"argument {option}" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_data_aware_plan_applied_without_calibration_is_reported_as_applied(tmp_path,
+                                                                             small_model):
+    """The model gets plain factors then; the report and the re-saved plan must say so."""
+    plan = tmp_path / "aware.json"
+    plan.write_text(json.dumps({"format": "lrdeploy-plan/1", "bias_correction": True,
+                                "entries": [{"site": "mm", "method": "wsvd", "ranks": [8]}]}))
+    report, saved = tmp_path / "r.json", tmp_path / "saved.json"
+    proc = run_cli("compress", small_model, "-o", tmp_path / "o.onnx", "--plan", plan,
+                   "--report", report, "--save-plan", saved)
+    assert proc.returncode == 0, proc.stderr
+    assert "get plain factors" in proc.stderr and "biases are left" in proc.stderr
+    assert json.loads(report.read_text())["sites"][0]["method"] == "svd"
+    resaved = json.loads(saved.read_text())
+    assert resaved["entries"][0]["method"] == "svd" and resaved["bias_correction"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,36 @@ def test_tuning_stores_its_trials_and_the_tuned_artifact_still_matches(tmp_path)
     refused = run_cli("compile", model, "--target", "rpi4", "--tune-trials", "4", "-o",
                       tmp_path / "rpi4")
     _assert_clean_failure(refused, "tuning for 'rpi4' needs the device itself")
+
+
+def test_compile_replaces_only_an_artifact_of_its_own_and_plans_on_tvm(tmp_path):
+    """An output folder is replaced whole, so it must hold nothing but an earlier artifact;
+    a budget on the host is planned on TVM's timings, as the artifact will run."""
+    model = decaying_mlp(tmp_path / "mlp.onnx", rows=32, width=64, hidden=128)
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "a web app"}')
+    (webapp / "index.html").write_text("<html></html>")
+    _assert_clean_failure(run_cli("compile", model, "-o", webapp), "not an lrdeploy artifact")
+    assert sorted(p.name for p in webapp.iterdir()) == ["index.html", "manifest.json"]
+    _assert_clean_failure(run_cli("compile", model, "-o", tmp_path / "o", "--only", "*"),
+                          "--only", "give one of those too")
+
+    outdir = tmp_path / "planned"
+    proc = run_cli("compile", model, "-o", outdir, "--budget-ms", "80%", "--no-latency-cache")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((outdir / "compression.json").read_text())
+    assert "(tvm on host" in report["plan_source"]
+    assert report["output"] == str(outdir / "model.onnx")
+    assert re.search(r"compressed:\s+parameters\s+[\d,]+\s+->", proc.stdout)
+    assert set(read_manifest(outdir)["files"]) == {p.name for p in outdir.iterdir()}
+
+    (outdir / "notes.txt").write_text("mine")
+    _assert_clean_failure(run_cli("compile", model, "-o", outdir), "holds notes.txt")
+    (outdir / "notes.txt").unlink()
+    _assert_clean_failure(run_cli("compile", outdir / "model.onnx", "-o", outdir),
+                          "is inside", "which compile replaces")
+    assert (outdir / "model.onnx").is_file()
 
 
 def test_android_without_ndk_writes_object_archive(tmp_path, minilm_l3, monkeypatch):
