@@ -83,9 +83,11 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
                             "kh x 1 + 1 x kw, svd = left dense; matrices and 1x1 convs "
                             "always use SVD (default auto)")
     group.add_argument("--only", action="append", default=[], metavar="PATTERN",
-                       help="factorize only sites whose name matches (shell pattern; repeat)")
+                       help="factorize only sites whose name, or its end after a '/', "
+                            "matches (shell pattern, e.g. 'fc*' or '*attention*'; repeat)")
     group.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                       help="leave sites whose name matches dense (shell pattern; repeat)")
+                       help="leave sites whose name (or its end after a '/') matches "
+                            "dense (shell pattern; repeat)")
     group.add_argument("--plan", metavar="FILE",
                        help="apply a saved plan instead of --rank/--method/--only/--skip")
     group.add_argument("--calib", metavar="NPZ",

@@ -108,11 +108,17 @@ class Plan:
         return [e for e in self.entries if e.method != DENSE]
 
 
+def matches(name: str, pattern: str) -> bool:
+    """A shell-style pattern matches the whole site name or its tail after any '/': tables
+    show names without their common prefix ("c2/Conv" for "/c2/Conv"), and those must work."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*/{pattern}")
+
+
 def selected(name: str, only: Sequence[str], skip: Sequence[str]) -> bool:
-    """Site name filter: shell-style patterns, ``--only`` first, then ``--skip``."""
-    if only and not any(fnmatch.fnmatchcase(name, p) for p in only):
+    """Site name filter: ``--only`` first, then ``--skip``."""
+    if only and not any(matches(name, p) for p in only):
         return False
-    return not any(fnmatch.fnmatchcase(name, p) for p in skip)
+    return not any(matches(name, p) for p in skip)
 
 
 def make_plan(
@@ -128,9 +134,10 @@ def make_plan(
     names = [site.name for site in analysis.sites]
     for flag, patterns in (("--only", only), ("--skip", skip)):
         for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            if not any(matches(name, pattern) for name in names):
                 warn(f"{flag} {pattern!r} matches no site: patterns are shell-style and match "
-                     "the whole name (e.g. '*attention*'); lrdeploy analyze lists the names")
+                     "the whole name or its end after a '/' (e.g. 'fc*' or '*attention*'); "
+                     "lrdeploy analyze lists the names")
     entries = []
     for site in analysis.sites:
         entries.append(_plan_site(analysis, site, rule, method, only, skip, guard))

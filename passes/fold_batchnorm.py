@@ -28,5 +28,16 @@ _RULES = [
 
 
 def fold_batchnorm(model: ir.Model) -> ir.Model:
-    """Return ``model`` with every foldable BatchNormalization folded into its producer."""
-    return rewriter.rewrite(model, pattern_rewrite_rules=_RULES)
+    """Return ``model`` with every foldable BatchNormalization folded into its producer.
+
+    The fused node keeps the producer's name (the rewriter names it anew), so that plans and
+    ``--only`` / ``--skip`` patterns written against the model's own names still find it."""
+    producers = {node.outputs[0].name: producer.name
+                 for node in model.graph if node.op_type == "BatchNormalization"
+                 and (producer := node.inputs[0].producer()) is not None and producer.name}
+    model = rewriter.rewrite(model, pattern_rewrite_rules=_RULES)
+    for node in model.graph:
+        if node.op_type != "BatchNormalization" and node.outputs \
+                and node.outputs[0].name in producers:
+            node.name = producers[node.outputs[0].name]
+    return model

@@ -137,6 +137,28 @@ def test_a_site_pattern_that_matches_nothing_is_warned_about(tmp_path, small_mod
     assert "'m*' matches" not in proc.stderr  # the model's one site is 'mm'
 
 
+def test_site_patterns_match_the_names_the_tables_print(tmp_path):
+    """Tables drop the names' common prefix ("fc/Gemm" for "/fc/Gemm"), and a Conv with a
+    BatchNormalization folded into it keeps its name: patterns written from either work."""
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], name="/block/conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "mu", "var"], ["n"],
+                              name="/block/bn"),
+             helper.make_node("Flatten", ["n"], ["f"], name="/flatten"),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], name="/fc/Gemm")]
+    weights = [weight("wc", (16, 8, 3, 3), 1), weight("s", (16,), 2), weight("b", (16,), 3),
+               weight("mu", (16,), 4), onnx.numpy_helper.from_array(
+                   np.full(16, 0.5, np.float32), "var"), weight("wf", (16 * 36, 32), 5)]
+    path = tmp_path / "net.onnx"
+    onnx.save_model(make_model(nodes, [tensor_value("x", [1, 8, 8, 8])], ["y"], weights), path)
+    report = tmp_path / "r.json"
+    proc = run_cli("compress", path, "-o", tmp_path / "lr.onnx", "--rank", "ratio:0.5",
+                   "--only", "fc*", "--only", "block/conv", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "matches no site" not in proc.stderr
+    sites = {s["site"]: s["method"] for s in json.loads(report.read_text())["sites"]}
+    assert sites == {"/block/conv": "tucker2", "/fc/Gemm": "svd"}
+
+
 def test_compress_writes_model_report_and_plan_that_reapplies(tmp_path, small_model):
     out, report, plan = tmp_path / "lr.onnx", tmp_path / "r.json", tmp_path / "plan.json"
     proc = run_cli("compress", small_model, "-o", out, "--rank", "rank:8", "--report", report,
