@@ -26,7 +26,7 @@ from lrdeploy.latency import check_engine
 from lrdeploy.plan import Plan, apply_plan, make_plan
 from lrdeploy.planner import PlanOutcome
 from lrdeploy.ranks import parse_rank_rule
-from lrdeploy.report import build_report, plot_frontier
+from lrdeploy.report import build_report, plot_format, plot_frontier
 from lrdeploy.sites import initializer_bytes
 from lrdeploy.verify import OutputFidelity, check_onnx, compare
 
@@ -316,6 +316,8 @@ def plan_for_budget(
     device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
     loaded = load(model, example_inputs, input_shapes)
     check_outputs(output, report, plot, inputs=(loaded.input_path, calib))
+    if plot is not None:
+        plot_format(plot)
     analysis, calib_feeds, _ = _calibrated_analysis(loaded, calib, seed, progress)
     outcome = _search(loaded.source, analysis, budget, calib_feeds, samples, seed, progress)
     if output is not None:

@@ -267,7 +267,8 @@ plan can meet fails with the least reachable latency.""")
     plan.add_argument("-o", "--output", metavar="PLAN.json",
                       help="where to write the plan (default: MODEL-STEM.plan.json here)")
     plan.add_argument("--report", metavar="FILE", help="write the JSON report (frontier, sites)")
-    plan.add_argument("--plot", metavar="FILE.png", help="plot the Pareto frontier")
+    plan.add_argument("--plot", metavar="FILE.png",
+                      help="plot the Pareto frontier (.png, .svg or .pdf, by the suffix)")
     plan.add_argument("--calib", metavar="NPZ",
                       help="calibration inputs (as for compress): data-aware SVD and spatial "
                            "SVD fitted on the first three quarters, errors measured on the last "

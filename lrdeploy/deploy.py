@@ -319,6 +319,10 @@ def verify_artifact(
     """Run the artifact and onnxruntime (on the ONNX it was built from) on the same feeds."""
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
+    device = Device(**manifest["device"])
+    if emulate and not device.emulator:
+        raise LrdeployError(f"{outdir}: --emulate is for boards an emulator stands in for; "
+                            f"a {device.name} artifact runs here as it is (drop --emulate)")
     onnx_path = outdir / manifest["onnx"]
     if _sha256(onnx_path) != manifest["onnx_sha256"]:
         raise LrdeployError(f"{onnx_path}: changed since it was compiled (hash mismatch)")
@@ -339,7 +343,6 @@ def verify_artifact(
         feed_source = f"{samples} random feed(s), seed {seed}"
     progress("running onnxruntime")
     names, reference, unoptimized = reference_outputs(model, feeds)
-    device = Device(**manifest["device"])
     progress(f"running the artifact{' under ' + str(device.emulator) if emulate else ''}")
     produced = _family(device).run(outdir, manifest, feeds, emulate)
     fidelity = compare_outputs(names, reference, produced, unoptimized)

@@ -41,6 +41,9 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
         raise LrdeployError(f"{path}: no such file")
     if not path.is_file():
         raise LrdeployError(f"{path}: not a file")
+    if path.suffix == ".py":
+        raise LrdeployError(f"{path}: a torch model is given as {path}:FACTORY, FACTORY being "
+                            "the function in it that returns the nn.Module")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types for bad bytes

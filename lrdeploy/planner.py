@@ -146,8 +146,15 @@ class PlanOutcome:
     def unit(self) -> str:
         return "ms" if self.kind == "ms" else "params"
 
+    def amount(self, value: float) -> str:
+        """A latency or a parameter count as the tables print it."""
+        return f"{value:.4g}" if self.kind == "ms" else f"{value:,.0f}"
+
     def budget_line(self) -> str:
         """The budget against the dense model, the prediction and the check of the plan."""
+        if self.kind == "params":  # a count adds up exactly: nothing to measure or retry
+            return (f"budget {self.amount(self.budget)} params: dense "
+                    f"{self.amount(self.dense)}, planned {self.amount(self.measured)}")
         checked = "estimated" if self.estimate else "measured"
         return (f"budget {self.budget:.4g} {self.unit} ({self.engine}): dense {self.dense:.4g}, "
                 f"predicted {self.predicted:.4g}, {checked} {self.measured:.4g} "

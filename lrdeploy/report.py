@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import onnx_ir as ir
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from lrdeploy import __version__
 from lrdeploy.analysis import ModelAnalysis
+from lrdeploy.errors import LrdeployError
 from lrdeploy.methods import DENSE, rule_for
 from lrdeploy.plan import Plan
 from lrdeploy.sites import model_params
@@ -352,9 +354,23 @@ def _measured_fits(outcome) -> list[dict]:
     return [a for a in outcome.attempts if "measured_relative_error" in a]
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The image format a plot's file name asks for (its suffix), refused when not one of
+    ``PLOT_FORMATS``: an image under the wrong name opens nowhere."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise LrdeployError(f"{path}: a plot is written as {', '.join(PLOT_FORMATS)}; name the "
+                            "file with one of those suffixes")
+    return suffix
+
+
 def plot_frontier(outcome, path: str | os.PathLike[str]) -> None:
-    """PNG of the Pareto frontier (predicted cost vs predicted error), the budget, the chosen
-    plan as predicted and as measured, and the other plans measured within the budget."""
+    """An image (``plot_format``) of the Pareto frontier (predicted cost vs predicted error),
+    the budget, the chosen plan as predicted and as measured, and the other plans measured
+    within the budget."""
     from lrdeploy.fileio import atomic_path
 
     plt = _pyplot()
@@ -379,43 +395,46 @@ def plot_frontier(outcome, path: str | os.PathLike[str]) -> None:
     axes.legend(fontsize=8)
     figure.tight_layout()
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+        figure.savefig(tmp, format=plot_format(path), dpi=100)
     plt.close(figure)
 
 
 def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
     """The chosen plan per site, the budget check, and a thinned Pareto frontier."""
     unit = outcome.unit
+    timed = outcome.kind == "ms"  # a parameter budget times nothing
     sites = Table(title="plan", title_justify="left")
-    for column in ("site", "method", "ranks", "dense ms", "chosen ms", "params", "site err",
-                   "sensitivity"):
+    for column in ("site", "method", "ranks", *(("dense ms", "chosen ms") if timed else ()),
+                   "params", "site err", "sensitivity"):
         sites.add_column(column, justify="left" if column in ("site", "method") else "right")
     for row in outcome.sites:
         sites.add_row(row["site"], row["method"], _ranks(row["ranks"]),
-                      f"{row['dense_ms']:.4f}", f"{row['chosen_ms']:.4f}",
+                      *((f"{row['dense_ms']:.4f}", f"{row['chosen_ms']:.4f}") if timed else ()),
                       f"{_num(row['params_before'])} -> {_num(row['params_after'])}",
                       f"{row['site_error']:.3g}", f"{row['sensitivity']:.3g}")
     console.print(sites)
     # The engine goes in the column header: as the title of this narrow table it wrapped.
     frontier = Table(title="Pareto frontier", title_justify="left")
-    frontier.add_column(f"{unit} ({outcome.engine})", justify="right")
+    frontier.add_column(f"{unit} ({outcome.engine})" if timed else unit, justify="right")
     frontier.add_column("predicted relative error", justify="right")
     points = outcome.frontier
     step = max(1, len(points) // frontier_rows)
     for point in points[::step]:
-        frontier.add_row(f"{point['cost']:.4g}", f"{point['predicted_relative_error']:.4g}")
+        frontier.add_row(outcome.amount(point["cost"]),
+                         f"{point['predicted_relative_error']:.4g}")
     console.print(frontier)
     # The additive prediction can read far above 1 where the measured error is near 1
     # (MobileNetV2: predicted 3.73, measured 0.96), so every measured error is shown beside it.
-    measured = ", ".join(f"{a['measured']:.4g} {unit} -> error {a['measured_relative_error']:.4g}"
-                         for a in _measured_fits(outcome))
+    measured = ", ".join(f"{outcome.amount(a['measured'])} {unit} -> error "
+                         f"{a['measured_relative_error']:.4g}" for a in _measured_fits(outcome))
     console.print("predicted error: the sites' errors added (e^2 = sum of e_s^2), which "
                   "overstates large errors; plans measured within the budget: "
                   f"{measured or 'none'}")
+    chains = (f"; chains {'estimated' if outcome.estimate else 'timed'} "
+              f"{outcome.chains_measured}, from the cache {outcome.chains_cached}"
+              if timed else "")
     console.print(
         f"{outcome.budget_line()}; relative output error predicted "
         f"{outcome.predicted_error:.4g}, measured {outcome.measured_error:.4g}"
         f"{' with biases corrected' if outcome.plan.bias_correction else ''}, min cosine "
-        f"{outcome.cosine:.6f}; chains {'estimated' if outcome.estimate else 'timed'} "
-        f"{outcome.chains_measured}, from the cache "
-        f"{outcome.chains_cached}")
+        f"{outcome.cosine:.6f}{chains}")

@@ -272,6 +272,9 @@ def test_help_explains_the_rank_rules():
       "{tmp}/p.json"], ["given for two outputs"]),
     (["plan", "{model}", "--budget-ms", "50%", "--engine", "onnxruntime",
       "--sample-schedules"], ["--sample-schedules", "needs --engine tvm"]),
+    (["plan", "{model}", "--budget-params", "50%", "--plot", "{tmp}/f.txt"],
+     ["f.txt", "png, svg, pdf"]),
+    (["analyze", "{tmp}/net.py"], ["net.py", "net.py:FACTORY"]),
     (["targets", "--device-file", "{tmp}/board.json"], ["board.json", "peak_gflops=0",
                                                          "above 0"]),
 ])
@@ -281,6 +284,7 @@ def test_other_commands_refuse_what_would_lose_or_ignore_something(tmp_path, sma
         "description": "a board", "family": "arm_cpu", "tvm_target": {"kind": "llvm"},
         "triple": "aarch64-linux-gnu", "cores": 4, "peak_gflops": 0, "bandwidth_gbs": 4,
         "l2_kib": 512}}))
+    (tmp_path / "net.py").write_text("import torch\n")
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     proc = run_cli(*[part.format(model=small_model, tmp=tmp_path) for part in command])
     _assert_one_line_error(proc, *fragments)

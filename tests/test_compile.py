@@ -198,6 +198,9 @@ def test_compile_replaces_only_an_artifact_of_its_own_and_plans_on_tvm(tmp_path)
     assert re.search(r"compressed:\s+parameters\s+[\d,]+\s+->", proc.stdout)
     assert set(read_manifest(outdir)["files"]) == {p.name for p in outdir.iterdir()}
 
+    _assert_clean_failure(run_cli("verify", outdir, "--emulate"), "drop --emulate")
+    _assert_clean_failure(run_cli("profile", outdir, "--html", outdir / "manifest.json"),
+                          "inside the input folder")
     (outdir / "notes.txt").write_text("mine")
     _assert_clean_failure(run_cli("compile", model, "-o", outdir), "holds notes.txt")
     (outdir / "notes.txt").unlink()
