@@ -277,6 +277,7 @@ def _tvm_layers(outdir: Path, manifest: dict, session: Any, device: Any,
     if not manifest.get("kernels_library"):
         raise LrdeployError("this artifact has no kernels.so: recompile it for --per-layer")
     kernels = _load_module(session, outdir / manifest["kernels_library"])
+    dense_sites = _dense_sites(outdir / manifest["onnx"])
     rng = np.random.default_rng(0)
     layers = []
     for index, kernel in enumerate(manifest["kernels"]):
@@ -291,12 +292,20 @@ def _tvm_layers(outdir: Path, manifest: dict, session: Any, device: Any,
         evaluator = kernels.time_evaluator(kernel["name"], device, number=1,
                                            repeat=LAYER_SAMPLES)
         seconds = float(np.median(evaluator(*args).results))
-        kind = ("factorized" if kernel["factorized"] else "dense_site" if kernel["sites"]
-                else "other")
+        kind = ("factorized" if kernel["factorized"] else
+                "dense_site" if dense_sites & set(kernel["sites"]) else "other")
         layers.append({"layer": kernel["name"], "calls": kernel["calls"],
                        "ms": seconds * kernel["calls"] * 1e3, "sites": kernel["sites"],
                        "kind": kind})
     return layers
+
+
+def _dense_sites(model_path: Path) -> set[str]:
+    """The names of the model's factorizable sites: what both runtimes' per-layer tables call
+    a dense site (not every operator with a weight, e.g. a depthwise Conv)."""
+    from lrdeploy.sites import find_sites
+
+    return {site.name for site in find_sites(frontend.load_onnx(model_path)).sites}
 
 
 def _ort_layers(model_path: Path, feed: runtime.Feeds, threads: int | None) -> list[dict]:
@@ -310,10 +319,8 @@ def _ort_layers(model_path: Path, feed: runtime.Feeds, threads: int | None) -> l
     import onnxruntime as ort
 
     from lrdeploy.passes.base import site_of_node
-    from lrdeploy.sites import find_sites
 
-    model = frontend.load_onnx(model_path)
-    dense_sites = {site.name for site in find_sites(model).sites}
+    dense_sites = _dense_sites(model_path)
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.enable_profiling = True
