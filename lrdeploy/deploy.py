@@ -382,6 +382,8 @@ def bundle_artifact(outdir: str | os.PathLike[str], dest: str | os.PathLike[str]
                             "model.so")
     if dest.exists():
         raise LrdeployError(f"{dest}: already exists; choose a new folder")
+    if not dest.parent.is_dir():
+        raise LrdeployError(f"{dest}: parent folder {dest.parent} does not exist")
     runner = deploy_runner.runner_for(device)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
         staged = Path(tmp) / "bundle"
