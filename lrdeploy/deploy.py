@@ -320,9 +320,9 @@ def verify_artifact(
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
     device = Device(**manifest["device"])
-    if emulate and not device.emulator:
-        raise LrdeployError(f"{outdir}: --emulate is for boards an emulator stands in for; "
-                            f"a {device.name} artifact runs here as it is (drop --emulate)")
+    if emulate and device.family == "host":
+        raise LrdeployError(f"{outdir}: --emulate is for a board's artifact; a host artifact "
+                            "runs here as it is (drop --emulate)")
     onnx_path = outdir / manifest["onnx"]
     if _sha256(onnx_path) != manifest["onnx_sha256"]:
         raise LrdeployError(f"{onnx_path}: changed since it was compiled (hash mismatch)")

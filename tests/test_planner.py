@@ -369,7 +369,7 @@ def test_cli_plan_round_trip_and_impossible_budget(mlp, tmp_path, latency_cache)
     assert (tmp_path / "frontier.png").stat().st_size > 1000
     # Every measured error is printed beside the additive prediction.
     fits = [a for a in data["attempts"] if "measured_relative_error" in a]
-    assert fits and all(f"{a['measured']:.4g} params -> error "
+    assert fits and all(f"{a['measured']:,.0f} params -> error "
                         f"{a['measured_relative_error']:.4g}" in done.stdout for a in fits)
     plan = Plan.load(plan_path)
     assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
