@@ -96,7 +96,9 @@ def compile_model(
     ``compress_options`` (keyword arguments of ``lrdeploy.compress``) compress the model first;
     without them an ``.onnx`` is compiled as it is (a torch factory is traced). The folder is
     staged beside ``outdir`` and renamed into place when complete; an earlier artifact there is
-    replaced, keeping its tuning database.
+    replaced (its tuning database kept when tuning again), anything else refused
+    (``_check_replaceable``). A budget is planned on TVM's timings when the model is compiled
+    for the host (the engine that will run it), unless the budget names its engine.
     """
     device = get_device(target, device_file)
     family = _family(device)
