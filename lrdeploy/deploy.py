@@ -163,8 +163,8 @@ def compile_model(
             ir.save(onnx_model, onnx_path)
             specs = runtime.input_specs(onnx_model, loaded.onnx_shapes)
         name = Path(model).name if isinstance(model, str | os.PathLike) else "the model"
-        if hasattr(family, "check_input_count"):  # before TVM's import and build
-            family.check_input_count(len(specs), name)
+        if hasattr(family, "check_io_counts"):  # before TVM's import and build
+            family.check_io_counts(len(specs), len(onnx_model.graph.outputs), name)
 
         import tvm
 
@@ -276,6 +276,8 @@ def _check_replaceable(outdir: Path, inputs: Sequence[Any]) -> None:
             raise LrdeployError(f"{given}: is inside {outdir}, which compile replaces; "
                                 "choose another output folder")
     written = set(manifest.get("files") or ())  # earlier versions did not record them
+    if written and isinstance(manifest.get("device"), dict):
+        written |= set(getattr(_family(Device(**manifest["device"])), "BUILD_OUTPUTS", ()))
     others = sorted(p.name for p in outdir.iterdir() if written and p.name not in written)
     if others:
         raise LrdeployError(f"{outdir}: holds {', '.join(others)}, which compile did not write "

@@ -44,6 +44,9 @@ ARTIFACT = "model.c"
 ALIGNMENT = 16
 TEMPLATES = ("lrd_backend.h", "main.c")
 QEMU_FILES = ("startup.c", "mps2.ld")
+# What the project's Makefile builds in it (its clean target removes them): compile may
+# replace a project holding them.
+BUILD_OUTPUTS = ("build", "lrd_host", "lrd_qemu.elf", "liblrd_model.a")
 KERNEL_PREFIX = "__tvm_ffi_"
 # C types of the tensors a model can hold; the kernels see them through DLPack dtype codes.
 C_TYPES = {"float32": ("float", 2, 32), "float64": ("double", 2, 64),
@@ -86,17 +89,18 @@ class Program:
         return self.tensors[name].storage
 
 
-def check_input_count(count: int, model_name: str) -> None:
-    """The C entry point takes one input tensor (``lrd_run(in, out)``): checked by
-    ``lrdeploy.deploy`` before TVM's import, so ``extract_program`` assumes it."""
-    if count != 1:
-        raise LrdeployError(f"{model_name}: microcontroller deployment takes a model with one "
-                            f"input; this one has {count}")
+def check_io_counts(inputs: int, outputs: int, model_name: str) -> None:
+    """The C entry point takes one input tensor and writes one output (``lrd_run(in, out)``):
+    checked by ``lrdeploy.deploy`` before TVM's import, so ``extract_program`` assumes it."""
+    for count, what in ((inputs, "input"), (outputs, "output")):
+        if count != 1:
+            raise LrdeployError(f"{model_name}: microcontroller deployment takes a model with "
+                                f"one {what}; this one has {count}")
 
 
 def extract_program(fused: Any) -> Program:
-    """The kernel calls of ``fused["main"]`` (one input, see ``check_input_count``), one
-    output, views as aliases."""
+    """The kernel calls of ``fused["main"]`` (one input and one output, see
+    ``check_io_counts``), views as aliases."""
     from tvm import relax
 
     main = fused["main"]

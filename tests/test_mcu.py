@@ -119,6 +119,14 @@ def test_the_cortex_m7_row_builds_and_runs_on_its_own_emulated_board(digits) -> 
     assert "-M mps2-an500" in makefile  # the board verify --emulate started
     assert manifest["mcu"]["flash_limit_bytes"] == 2048 * 1024
     assert manifest["compression"]["sites_factorized"] >= 1
+    # What the project's own Makefile built there does not stop compiling into it again.
+    built = subprocess.run(["make", "-s", "-C", str(outdir), "lib"], capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert (outdir / "liblrd_model.a").is_file()
+    again = run_cli("compile", digits["dense"], "--target", "cortex-m7", "-o", outdir)
+    assert again.returncode == 0, again.stderr
+    assert not (outdir / "liblrd_model.a").exists()  # the new project is not built yet
 
 
 def test_a_model_too_big_for_the_flash_is_refused_then_fits_with_a_parameter_budget(
@@ -150,3 +158,13 @@ def test_models_the_c_deployment_cannot_take_fail_in_one_line(tmp_path) -> None:
     assert proc.stderr.startswith("lrdeploy: error: two_inputs.onnx: microcontroller "
                                   "deployment takes a model with one input"), proc.stderr
     assert not (tmp_path / "out").exists()
+    two_outputs = make_model([helper.make_node("Relu", ["a"], ["y"]),
+                              helper.make_node("Neg", ["a"], ["z"])],
+                             [tensor_value("a", [1, 4])], ["y", "z"], [])
+    path = tmp_path / "two_outputs.onnx"
+    path.write_bytes(two_outputs.SerializeToString())
+    proc = run_cli("compile", path, "--target", "cortex-m4", "-o", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("lrdeploy: error: two_outputs.onnx: microcontroller "
+                                  "deployment takes a model with one output; this one has 2"), \
+        proc.stderr
