@@ -162,7 +162,8 @@ class PlanOutcome:
 
     def to_dict(self) -> dict:
         return {
-            "budget": {"kind": self.kind, "value": self.budget, "unit": self.unit},
+            "budget": {"kind": self.kind, "value": self.budget, "unit": self.unit,
+                       "of_dense": self.budget / self.dense if self.dense else None},
             "engine": self.engine, "estimate": self.estimate,
             "dense": self.dense, "predicted": self.predicted, "measured": self.measured,
             "predicted_relative_error": self.predicted_error,
@@ -541,7 +542,7 @@ class Planner:
             estimate=kind == "ms" and self.latency.estimate,
             frontier=[{"cost": rest + p.cost, "predicted_relative_error": math.sqrt(p.error)}
                       for p in frontier.points()],
-            attempts=attempts, sites=self._site_rows(choice.picks),
+            attempts=attempts, sites=self._site_rows(choice.picks, kind),
             chains_measured=self.latency.measured, chains_cached=self.latency.reused,
             notes=notes,
         )
@@ -577,15 +578,19 @@ class Planner:
         self._dense_ms.append(dense_ms)
         return plan_ms / dense_ms * (reference or self.dense_model_ms)
 
-    def _site_rows(self, picks: Sequence[int]) -> list[dict]:
+    def _site_rows(self, picks: Sequence[int], kind: str) -> list[dict]:
+        """Per site: the choice, its cost and error; latencies are null under a parameter
+        budget, which times nothing (0 would read as free)."""
+        timed = kind == "ms"
         rows = []
         for options, pick in zip(self.options, picks, strict=True):
             dense, chosen = options.candidates[0], options.candidates[pick]
             rows.append({
                 "site": options.site.name, "method": chosen.method, "ranks": list(chosen.ranks),
                 **({"tt": chosen.tt.to_dict()} if chosen.tt else {}),
-                "candidates": len(options.candidates), "dense_ms": dense.latency_ms,
-                "chosen_ms": chosen.latency_ms, "params_before": dense.params,
+                "candidates": len(options.candidates),
+                "dense_ms": dense.latency_ms if timed else None,
+                "chosen_ms": chosen.latency_ms if timed else None, "params_before": dense.params,
                 "params_after": chosen.params, "site_error": math.sqrt(chosen.site_error),
                 "sensitivity": options.sensitivity,
             })

@@ -26,6 +26,7 @@ import numpy as np
 
 from lrdeploy import frontend, runtime
 from lrdeploy.errors import LrdeployError, warn
+from lrdeploy.targets.devices import get_device
 
 RUNTIMES = ("tvm", "ort")
 LAYER_KINDS = ("factorized", "dense_site", "other")
@@ -421,6 +422,11 @@ def profile(
             manifests[item] = read_manifest(item)
         elif item.suffix != ".onnx":
             raise LrdeployError(f"{item}: neither an artifact folder nor an .onnx file")
+    if "tvm" in runtimes:  # before anything is timed: these are known now
+        for item, manifest in manifests.items():
+            _check_timeable(str(item), manifest["device"], place)
+        if len(manifests) < len(items):  # .onnx items are compiled for the target
+            _check_timeable(target, get_device(target, device_file).to_dict(), place)
     # An .onnx beside artifacts runs at their shapes (when they agree), not at the defaults
     # for dynamic axes: "vs first" then compares like with like.
     fixed = {json.dumps(m["inputs"]) for m in manifests.values()}
@@ -459,15 +465,6 @@ def profile(
                 timing = Timing(str(item), "tvm", f"{device['name']} via {place.label}",
                                 emulated and place.remote, inputs=inputs)
                 result.timings.append(timing)
-                if manifest.get("mcu"):
-                    timing.error = (f"{device['name']} C projects are not timed by lrdeploy "
-                                    "(no TVM runtime on the board to reach over RPC); time "
-                                    "lrd_run on the board, e.g. with the DWT cycle counter")
-                    return result
-                if not place.remote and device["family"] != "host":
-                    timing.error = (f"the artifact is for {device['name']} ({device['triple']});"
-                                    " profile it with --rpc or --tracker on that device")
-                    return result
                 try:
                     outputs = _time_tvm(outdir, manifest, feed, place, runs, warmup, threads,
                                         timing, progress, per_layer, min_repeat_ms)
@@ -482,10 +479,25 @@ def profile(
     shapes_run = {t.model: t.inputs for t in result.timings}  # an item's runtimes share them
     if compared and len({json.dumps(inputs, sort_keys=True)
                          for inputs in shapes_run.values()}) > 1:
+        hint = ("an artifact runs at the shapes it was compiled for, whatever --input-shape "
+                "says: compile it at these" if manifests and input_shapes is not None
+                else "give --input-shape")
         warn("the items ran at different input shapes, so 'vs first' compares unlike work: "
              + "; ".join(f"{Path(model).name} {_shapes_text(inputs)}"
-                         for model, inputs in shapes_run.items()) + " (give --input-shape)")
+                         for model, inputs in shapes_run.items()) + f" ({hint})")
     return result
+
+
+def _check_timeable(item: str, device: dict, place: _Place) -> None:
+    """Refuse a TVM timing that cannot happen from here, naming the item (an artifact, or the
+    target an .onnx is compiled for)."""
+    if device["family"] == "mcu":
+        raise LrdeployError(f"{item}: {device['name']} C projects are not timed by lrdeploy (no "
+                            "TVM runtime on the board to reach over RPC); time lrd_run on the "
+                            "board, e.g. with the DWT cycle counter, or profile --runtime ort")
+    if not place.remote and device["family"] != "host":
+        raise LrdeployError(f"{item}: runs on {device['name']} ({device['triple']}); profile it "
+                            "with --rpc or --tracker on that device")
 
 
 def _shapes_text(inputs: dict[str, list[int]]) -> str:

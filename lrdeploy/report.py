@@ -302,18 +302,23 @@ def write_profile_html(path: str | os.PathLike[str], data: dict) -> None:
     plt = _pyplot()
     colours = {"factorized": "#2a9d8f", "dense_site": "#e76f51", "other": "#8d99ae"}
     emulated = data["device"].get("emulated")
-    parts = [f"<h1>lrdeploy profile</h1><p>{html.escape(str(data['device']))}</p>"]
+    device = data["device"]
+    parts = [f"<h1>lrdeploy profile</h1><p>target {html.escape(str(device['target']))}, timed "
+             f"{html.escape(str(device['where']))}</p>"]
     if emulated:
         parts.append("<p><b>EMULATED device: these timings say nothing about a real "
                      "board.</b></p>")
-    header = ("model", "runtime", "where", "median ms", "p90 ms", "min ms", "max ms",
-              "stddev ms", "vs first")
+    header = ("model", "runtime", "where", "runs", "median ms", "p90 ms", "min ms", "max ms",
+              "stddev ms", "vs first", "max rel. error", "error")
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
             row["model"], row["runtime"], row["where"] + (" [emulated]" if row["emulated"] else ""),
+            len(row["samples_ms"]),
             *(f"{row[k]:.3f}" if row[k] is not None else "-" for k in
               ("median_ms", "p90_ms", "min_ms", "max_ms", "stddev_ms")),
-            f"{row['ratio_to_first']:.2f}x" if row["ratio_to_first"] else "-")) + "</tr>"
+            f"{row['ratio_to_first']:.2f}x" if row["ratio_to_first"] else "-",
+            f"{row['max_relative_error']:.1e}" if row["max_relative_error"] is not None else "-",
+            row["error"] or "")) + "</tr>"
         for row in data["timings"])
     parts.append("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{h}</th>" for h in header)
                  + f"</tr>{rows}</table>")

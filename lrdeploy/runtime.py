@@ -66,6 +66,7 @@ def input_specs(
             f"{', '.join(sorted(known))}"
         )
     sizes = _named_axis_sizes(inputs, shapes)
+    defaulted: set[str] = set()  # named axes sized by the defaults, not by the user
     specs = []
     for value in inputs:
         if value.dtype is None:
@@ -97,11 +98,14 @@ def input_specs(
                 concrete.append(dim)
             elif name in sizes:
                 concrete.append(sizes[name])
+                if name in defaulted:
+                    assumed.append(axis)
             else:
                 concrete.append(1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
                 assumed.append(axis)
                 if name:  # every input's axis of this name gets the same size
                     sizes[name] = concrete[-1]
+                    defaulted.add(name)
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(concrete),
                                tuple(assumed), static))
     return specs

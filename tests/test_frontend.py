@@ -116,5 +116,8 @@ def test_an_axis_given_for_one_input_sizes_the_same_named_axis_of_the_others():
     ids, mask = result.report["inputs"]
     assert ids["shape"] == mask["shape"] == [2, 128, 64]
     assert mask["assumed_axes"] == []
+    # Given none, both inputs' named axes are defaulted, and both say so.
+    ids, mask = lrdeploy.compress(model, rank="full", guard=False).report["inputs"]
+    assert ids["assumed_axes"] == mask["assumed_axes"] == [0, 1]
     with pytest.raises(LrdeployError, match="axis 'sequence' two sizes, 128 and 64"):
         lrdeploy.compress(model, input_shapes={"ids": (2, 128, 64), "mask": (2, 64, 64)})

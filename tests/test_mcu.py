@@ -96,6 +96,10 @@ def test_digits_cnn_runs_on_host_c_and_on_an_emulated_cortex_m4(digits) -> None:
     project = digits["dir"] / "m4"
     assert not any("tvm/" in (project / name).read_text()
                    for name in ("model.c", "kernels.c", "model.h"))
+    # A C project cannot be timed over RPC: refused before onnxruntime times anything.
+    refused = run_cli("profile", project, "--runtime", "ort", "--runtime", "tvm")
+    assert refused.returncode == 2 and "C projects are not timed" in refused.stderr
+    assert "Latency" not in refused.stdout
     for manifest in (dense, lowrank):
         figures = manifest["mcu"]
         assert figures["weight_bytes"] == manifest["param_bytes"]

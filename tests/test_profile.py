@@ -72,7 +72,11 @@ def test_profile_through_tracker_on_emulated_aarch64_device(tracker_with_device,
                    "--json", report, "--html", page)
     assert proc.returncode == 0, proc.stderr
     assert "EMULATED" in proc.stdout
-    assert "data:image/png;base64," in page.read_text() and "EMULATED" in page.read_text()
+    html = page.read_text()
+    assert "data:image/png;base64," in html and "EMULATED" in html
+    assert f"timed tracker {tracker.address} key {KEY}" in html and "{" not in html.split(
+        "<table")[0]  # a sentence, not a Python dict
+    assert "<th>max rel. error</th>" in html
     data = json.loads(report.read_text())
     (timing,) = data["timings"]
     assert timing["emulated"] and data["device"]["emulated"]
