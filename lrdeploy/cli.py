@@ -126,12 +126,23 @@ def _count(text: str) -> int:
     return value
 
 
+def _given_compression_options(args) -> list[str]:
+    """The compression options set away from their defaults (--rank, --plan and the budget
+    aside): what a plan or budget would overrule, and what compile would ignore uncompressed."""
+    return [flag for flag, given in (
+        ("--method", args.method != "auto"), ("--only", args.only), ("--skip", args.skip),
+        ("--calib", args.calib), ("--min-fidelity", args.min_fidelity is not None),
+        ("--no-guard", args.no_guard), ("--tucker-sweeps", args.tucker_sweeps)) if given]
+
+
 def _compression_kwargs(args) -> dict:
-    chooser = "--plan" if args.plan else "--budget" if _budget(args) else None
-    overruled = [flag for flag, given in (
-        ("--rank", args.rank), ("--method", args.method != "auto"), ("--only", args.only),
-        ("--skip", args.skip), ("--no-guard", args.no_guard),
-        ("--tucker-sweeps", args.tucker_sweeps and chooser == "--plan")) if given]
+    budget = _budget(args)
+    chooser = "--plan" if args.plan else "--budget" if budget else None
+    # --calib and --min-fidelity serve any plan; a saved plan also fixes the HOOI sweeps.
+    choosing = {"--method", "--only", "--skip", "--no-guard",
+                *(("--tucker-sweeps",) if chooser == "--plan" else ())}
+    overruled = (["--rank"] if args.rank else []) + [
+        flag for flag in _given_compression_options(args) if flag in choosing]
     if chooser and overruled:
         what = ("--plan fixes" if chooser == "--plan" else "--budget-ms / --budget-params choose")
         raise LrdeployError(f"{what} every site's method and ranks: drop "
@@ -139,7 +150,7 @@ def _compression_kwargs(args) -> dict:
     return dict(rank=args.rank or "energy:0.9", method=args.method, only=args.only,
                 skip=args.skip, plan=args.plan, guard=not args.no_guard,
                 tucker_sweeps=args.tucker_sweeps, calib=args.calib, samples=args.samples,
-                min_fidelity=args.min_fidelity, seed=args.seed, budget=_budget(args))
+                min_fidelity=args.min_fidelity, seed=args.seed, budget=budget)
 
 
 BUDGET_HELP = """\
@@ -483,15 +494,11 @@ def _compile(args, shapes, console: Console) -> int:
 
     planned = args.budget_ms is not None or args.budget_params is not None
     compress_options = _compression_kwargs(args) if args.rank or args.plan or planned else None
-    if compress_options is None:
-        unused = [flag for flag, given in (
-            ("--method", args.method != "auto"), ("--only", args.only), ("--skip", args.skip),
-            ("--calib", args.calib), ("--min-fidelity", args.min_fidelity is not None),
-            ("--no-guard", args.no_guard), ("--tucker-sweeps", args.tucker_sweeps)) if given]
-        if unused:
-            raise LrdeployError(f"{', '.join(unused)}: compile compresses the model only "
-                                "with --rank, --plan or --budget-ms / --budget-params, so "
-                                "give one of those too (or drop these options)")
+    unused = _given_compression_options(args) if compress_options is None else []
+    if unused:
+        raise LrdeployError(f"{', '.join(unused)}: compile compresses the model only with "
+                            "--rank, --plan or --budget-ms / --budget-params, so give one of "
+                            "those too (or drop these options)")
     with console.status("compiling") as status:
         manifest = compile_model(
             args.model, args.target, args.output, device_file=args.device_file,

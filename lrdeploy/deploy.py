@@ -115,8 +115,6 @@ def compile_model(
     check_dtype(device, dtype)
     budget = (compress_options or {}).get("budget")
     if budget is not None:
-        # The plan must meet the budget at the precision and with the schedules the model is
-        # compiled with.
         # The plan must meet the budget at the precision, with the schedules and on the
         # runtime the model is compiled for: TVM's, also on the host.
         engine = budget.engine or ("tvm" if device.family == "host" else None)
@@ -148,7 +146,6 @@ def compile_model(
         if compress_options:
             progress("compressing")
             result = compress(model, onnx_path, input_shapes=input_shapes,
-                              report=staged / "compression.json",
                               save_plan=staged / "plan.json", **compress_options)
             compression = {**result.report["totals"],
                            "verification": result.report["verification"]}
@@ -275,10 +272,12 @@ def _check_replaceable(outdir: Path, inputs: Sequence[Any]) -> None:
         if given is not None and outdir.resolve() in Path(given).resolve().parents:
             raise LrdeployError(f"{given}: is inside {outdir}, which compile replaces; "
                                 "choose another output folder")
-    written = set(manifest.get("files") or ())  # earlier versions did not record them
-    if written and isinstance(manifest.get("device"), dict):
+    written = set(manifest.get("files") or ())
+    if not written:  # earlier versions did not record them
+        return
+    if isinstance(manifest.get("device"), dict):
         written |= set(getattr(_family(Device(**manifest["device"])), "BUILD_OUTPUTS", ()))
-    others = sorted(p.name for p in outdir.iterdir() if written and p.name not in written)
+    others = sorted(p.name for p in outdir.iterdir() if p.name not in written)
     if others:
         raise LrdeployError(f"{outdir}: holds {', '.join(others)}, which compile did not write "
                             "and would delete with the earlier artifact; move them or choose "
