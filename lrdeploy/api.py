@@ -7,6 +7,7 @@ Data flow: source -> ``frontend`` (canonical ONNX) -> ``analysis`` (sites, spect
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,9 @@ from lrdeploy.report import build_report, plot_format, plot_frontier
 from lrdeploy.sites import initializer_bytes
 from lrdeploy.verify import OutputFidelity, check_onnx, compare
 
+# Feeds by default: random ones verifying a result, and the planner's error feeds.
+VERIFY_FEEDS = 2
+PLANNER_FEEDS = 4
 # Above this many initializer bytes, weights go to a side file: protobuf cannot hold 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
@@ -44,7 +48,6 @@ class Loaded:
     source: str
     original: ir.Model
     canonical: ir.Model
-    input_path: Path | None
     # The shapes that size an ONNX model's dynamic axes; None for a traced torch model, whose
     # shapes the trace fixed.
     onnx_shapes: Mapping[str, Sequence[int]] | None = None
@@ -58,7 +61,7 @@ def load(
     """Load any supported source; torch modules are traced with ``example_inputs`` (or random
     tensors of ``input_shapes``, in input order), an ONNX model's dynamic axes are sized by
     ``input_shapes`` (by input name) where it is analysed and run."""
-    input_path, onnx_shapes = None, input_shapes
+    onnx_shapes = input_shapes
     if isinstance(model, ir.Model):
         source, original = "<onnx_ir.Model>", model
     elif isinstance(model, onnx.ModelProto):
@@ -69,15 +72,26 @@ def load(
                           source, Path(source.rpartition(":")[0]))
         onnx_shapes = None
     elif isinstance(model, str | os.PathLike):
-        source, input_path = str(model), Path(model)
-        original = frontend.load_onnx(input_path)
+        source = str(model)
+        original = frontend.load_onnx(source)
     elif _is_torch_module(model):
         source = f"<torch {type(model).__name__}>"
         original = _trace(model, example_inputs, input_shapes, source)
         onnx_shapes = None
     else:
         raise LrdeployError(f"cannot load a model from {type(model).__name__}")
-    return Loaded(source, original, frontend.canonicalize(original), input_path, onnx_shapes)
+    return Loaded(source, original, frontend.canonicalize(original), onnx_shapes)
+
+
+def source_files(model: ModelSource) -> list[Path]:
+    """The files ``model`` is read from (none for a model given as an object): an ONNX file
+    with its external data, or a torch factory's ``.py``."""
+    if not isinstance(model, str | os.PathLike):
+        return []
+    text = str(model)
+    if _looks_like_factory(text):
+        return [Path(text.rpartition(":")[0])]
+    return frontend.onnx_files(text) if Path(text).is_file() else [Path(text)]
 
 
 def _looks_like_factory(text: str) -> bool:
@@ -131,7 +145,7 @@ def compress(
     model: ModelSource,
     output: str | os.PathLike[str] | None = None,
     *,
-    rank: str = "energy:0.9",
+    rank: str | None = None,
     method: str = "auto",
     only: Sequence[str] = (),
     skip: Sequence[str] = (),
@@ -139,7 +153,7 @@ def compress(
     guard: bool = True,
     tucker_sweeps: int = 0,
     calib: str | os.PathLike[str] | None = None,
-    samples: int = 2,
+    samples: int | None = None,
     min_fidelity: float | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     example_inputs: Sequence[Any] | None = None,
@@ -152,18 +166,28 @@ def compress(
     """Factorize ``model``'s dense sites, verify the result and (if ``output``) write it.
 
     Nothing is written when the result fails the ONNX checker, onnxruntime, or
-    ``min_fidelity`` (the smallest cosine similarity over the outputs). With ``budget`` the
-    planner chooses methods and ranks (``rank`` is then ignored).
+    ``min_fidelity`` (the smallest cosine similarity over the outputs). Methods and ranks
+    come from one of: ``plan``, ``budget`` (the planner), or ``rank`` (default
+    ``energy:0.9``) with ``method``, ``only``, ``skip``, ``guard`` and ``tucker_sweeps``; a
+    plan or budget given with any of those raises ``LrdeployError``, as they would be
+    overruled. ``samples``: the random feeds that verify the result without ``calib``
+    (default ``VERIFY_FEEDS``), and the feeds the planner's errors are measured on (default
+    ``PLANNER_FEEDS``; with ``calib``, at most the held-out samples), as ``plan_for_budget``.
     """
-    rule = parse_rank_rule(rank)
+    _check_one_chooser(plan, budget, rank=rank is not None, method=method != "auto",
+                       only=bool(only), skip=bool(skip), guard=not guard,
+                       tucker_sweeps=bool(tucker_sweeps))
+    rule = parse_rank_rule(rank or "energy:0.9")
+    _check_count_and_seed(1 if samples is None else samples, seed)
     if min_fidelity is not None and not -1 <= min_fidelity <= 1:
         raise LrdeployError(f"--min-fidelity {min_fidelity:g}: a cosine similarity is between "
                             "-1 and 1")
-    loaded = load(model, example_inputs, input_shapes)
     if output is not None and Path(output).suffix != ".onnx":
         raise LrdeployError(f"{output}: the output file name must end in .onnx")
     plan_file = plan if isinstance(plan, str | os.PathLike) else None
-    check_outputs(output, report, save_plan, inputs=(loaded.input_path, calib, plan_file))
+    check_outputs(output, report, save_plan,
+                  inputs=(*source_files(model), calib, plan_file))
+    loaded = load(model, example_inputs, input_shapes)
     analysis, calib_feeds, feed_source = _calibrated_analysis(loaded, calib, seed,
                                                               progress)
     if isinstance(plan, str | os.PathLike):
@@ -172,8 +196,8 @@ def compress(
     elif plan is not None:
         plan_source = "plan given by the caller"
     elif budget is not None:
-        outcome = _search(loaded.source, analysis, budget, calib_feeds, samples, seed,
-                          progress)
+        outcome = _search(loaded.source, analysis, budget, calib_feeds,
+                          samples or PLANNER_FEEDS, seed, progress)
         plan, plan_source = outcome.plan, f"the planner ({budget}): {outcome.budget_line()}"
     else:
         plan_source = f"--rank {rule} --method {method}"
@@ -185,9 +209,10 @@ def compress(
     if calib_feeds is not None:
         feeds = calib_feeds
     else:
+        count = samples or VERIFY_FEEDS
         feeds = [runtime.random_inputs(loaded.original, analysis.specs, seed + i)
-                 for i in range(samples)]
-        feed_source = f"{samples} random feed(s), seed {seed}"
+                 for i in range(count)]
+        feed_source = f"{count} random feed(s), seed {seed}"
     padded = sorted({name for feed in feeds
                      if (name := padding_mask_input(feed)) is not None and not feed[name].all()})
     if padded:
@@ -200,6 +225,11 @@ def compress(
     )
     result = CompressResult(compressed, plan, analysis, fidelity, result_report,
                             Path(output) if output is not None else None)
+    lost = [f.name for f in fidelity if not math.isfinite(f.relative_l2_error)]
+    if lost:
+        raise LrdeployError(f"output(s) {', '.join(lost)} of the compressed model hold NaN or "
+                            "infinite values where the original's are finite (or other): "
+                            "nothing written")
     if min_fidelity is not None and result.min_cosine < min_fidelity:
         raise LrdeployError(
             f"fidelity {result.min_cosine:.6f} (cosine) is below --min-fidelity {min_fidelity}: "
@@ -214,6 +244,33 @@ def compress(
     return result
 
 
+# The compress options a plan or a budget overrules, by keyword, with the flag that sets each.
+CHOOSING_FLAGS = {"rank": "--rank", "method": "--method", "only": "--only", "skip": "--skip",
+                  "guard": "--no-guard", "tucker_sweeps": "--tucker-sweeps"}
+
+
+def _check_one_chooser(plan: object, budget: Budget | None, **given: bool) -> None:
+    """Refuse a plan or budget together with another way of choosing methods and ranks
+    (``given``: which of ``CHOOSING_FLAGS`` the caller set): one would silently overrule the
+    other."""
+    if plan is not None and budget is not None:
+        raise LrdeployError("--plan fixes every site's method and ranks and a budget has the "
+                            "planner choose them: give one of them")
+    overruled = [CHOOSING_FLAGS[k] for k, set_ in given.items() if set_]
+    if overruled and (plan is not None or budget is not None):
+        what = "--plan fixes" if plan is not None else "--budget-ms / --budget-params choose"
+        raise LrdeployError(f"{what} every site's method and ranks: drop "
+                            f"{', '.join(overruled)}, which would be overruled")
+
+
+def _check_count_and_seed(samples: int, seed: int) -> None:
+    """The CLI's argparse types check these; the API's callers get the same one-line errors."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise LrdeployError(f"samples {samples!r}: must be a whole number, 1 or more")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise LrdeployError(f"seed {seed!r}: a seed is a whole number from 0 to 2**32 - 1")
+
+
 def _calibrated_analysis(loaded: Loaded, calib, seed: int, progress: Progress
                          ) -> tuple[ModelAnalysis, list[runtime.Feeds] | None, str]:
     """The analysis (shapes probed on the first calibration feed, if any), the calibration
@@ -223,8 +280,17 @@ def _calibrated_analysis(loaded: Loaded, calib, seed: int, progress: Progress
     onnx_shapes = loaded.onnx_shapes
     if calib is None:
         return analyze_model(loaded.canonical, onnx_shapes, seed), None, ""
-    calib_feeds = runtime.load_calibration(
-        calib, runtime.input_specs(loaded.canonical, onnx_shapes))
+    specs = runtime.input_specs(loaded.canonical, onnx_shapes)
+    calib_feeds = runtime.load_calibration(calib, specs)
+    for spec in specs:
+        # The analysis is probed on the calibration shapes: a different --input-shape would
+        # be ignored, and the FLOPs reported at shapes the user did not ask for.
+        sample = list(calib_feeds[0][spec.name].shape)
+        if spec.given and sample != list(spec.shape):
+            raise LrdeployError(f"{calib}: array '{spec.name}' holds samples of shape {sample}, "
+                                f"but --input-shape gives {list(spec.shape)}: give samples of "
+                                "that shape, or leave --input-shape out (the calibration data "
+                                "then sets it)")
     analysis = analyze_model(loaded.canonical, onnx_shapes, seed, calib_feeds[0])
     split = split_calibration(calib_feeds)
     if not split.disjoint:
@@ -287,9 +353,9 @@ class Budget:
         if self.threads is not None and self.threads < 1:
             raise LrdeployError(f"--latency-threads must be at least 1 (got {self.threads})")
         check_engine(self.engine, self.rpc, self.tracker, self.key, self.sample_schedules)
-        if not self.value > 0 or (self.relative and self.value > 1):
+        if not 0 < self.value < math.inf or (self.relative and self.value > 1):
             limit = " and at most 100%" if self.relative else ""
-            raise LrdeployError(f"the budget must be positive{limit} (got {self})")
+            raise LrdeployError(f"the budget must be a positive number{limit} (got {self})")
 
     def __str__(self) -> str:
         flag = "--budget-ms" if self.kind == "ms" else "--budget-params"
@@ -303,7 +369,7 @@ def plan_for_budget(
     budget: Budget,
     *,
     calib: str | os.PathLike[str] | None = None,
-    samples: int = 4,
+    samples: int = PLANNER_FEEDS,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     example_inputs: Sequence[Any] | None = None,
     output: str | os.PathLike[str] | None = None,
@@ -314,8 +380,9 @@ def plan_for_budget(
 ) -> PlanOutcome:
     """Search the plan that meets ``budget`` with the least predicted error, check it on the
     device, and write the plan (re-appliable with ``compress --plan``), report and plot."""
+    _check_count_and_seed(samples, seed)
+    check_outputs(output, report, plot, inputs=(*source_files(model), calib))
     loaded = load(model, example_inputs, input_shapes)
-    check_outputs(output, report, plot, inputs=(loaded.input_path, calib))
     if plot is not None:
         plot_format(plot)
     analysis, calib_feeds, _ = _calibrated_analysis(loaded, calib, seed, progress)

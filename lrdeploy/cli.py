@@ -97,8 +97,11 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
                             "the first three quarters) and verify the result (on the last "
                             "quarter); positions an attention_mask input marks as padding are "
                             "left out; default: random inputs, plain factors")
-    group.add_argument("--samples", type=_count, default=2,
-                       help="random feeds when there is no --calib (default 2)")
+    group.add_argument("--samples", type=_count,
+                       help="random feeds verifying the result when there is no --calib "
+                            "(default 2); with a budget, also the feeds the planner's errors "
+                            "are measured on (default 4; with --calib, at most the held-out "
+                            "quarter), as for lrdeploy plan")
     group.add_argument("--min-fidelity", type=float, metavar="COSINE",
                        help="fail and write nothing if an output's cosine similarity to the "
                             "original is below this")
@@ -128,29 +131,43 @@ def _count(text: str) -> int:
 
 def _given_compression_options(args) -> list[str]:
     """The compression options set away from their defaults (--rank, --plan and the budget
-    aside): what a plan or budget would overrule, and what compile would ignore uncompressed."""
+    aside): what compile would ignore uncompressed."""
     return [flag for flag, given in (
         ("--method", args.method != "auto"), ("--only", args.only), ("--skip", args.skip),
         ("--calib", args.calib), ("--min-fidelity", args.min_fidelity is not None),
         ("--no-guard", args.no_guard), ("--tucker-sweeps", args.tucker_sweeps)) if given]
 
 
+def _given_planner_options(args) -> list[str]:
+    """The planner's options set away from their defaults, of those the command has (compile
+    owns --target, --device-file, --dtype and --sample-schedules)."""
+    planner_only = (("--target", "target", "host"), ("--device-file", "device_file", None),
+                    ("--dtype", "dtype", "float32"),
+                    ("--sample-schedules", "sample_schedules", False),
+                    ("--engine", "engine", None), ("--rpc", "rpc", None),
+                    ("--tracker", "tracker", None), ("--key", "key", None),
+                    ("--plain-svd", "plain_svd", False),
+                    ("--no-latency-cache", "no_latency_cache", False),
+                    ("--latency-threads", "latency_threads", None), ("--tt", "tt", False))
+    if args.command == "compile":
+        planner_only = planner_only[4:]
+    return [flag for flag, name, default in planner_only if getattr(args, name) != default]
+
+
+def _check_planner_options(args, budget: api.Budget | None) -> None:
+    unused = [] if budget else _given_planner_options(args)
+    if unused:
+        raise LrdeployError(f"{', '.join(unused)}: only the planner uses these, so give "
+                            "--budget-ms or --budget-params too (or drop them)")
+
+
 def _compression_kwargs(args) -> dict:
     budget = _budget(args)
-    chooser = "--plan" if args.plan else "--budget" if budget else None
-    # --calib and --min-fidelity serve any plan; a saved plan also fixes the HOOI sweeps.
-    choosing = {"--method", "--only", "--skip", "--no-guard",
-                *(("--tucker-sweeps",) if chooser == "--plan" else ())}
-    overruled = (["--rank"] if args.rank else []) + [
-        flag for flag in _given_compression_options(args) if flag in choosing]
-    if chooser and overruled:
-        what = ("--plan fixes" if chooser == "--plan" else "--budget-ms / --budget-params choose")
-        raise LrdeployError(f"{what} every site's method and ranks: drop "
-                            f"{', '.join(overruled)}, which would be overruled")
-    return dict(rank=args.rank or "energy:0.9", method=args.method, only=args.only,
-                skip=args.skip, plan=args.plan, guard=not args.no_guard,
-                tucker_sweeps=args.tucker_sweeps, calib=args.calib, samples=args.samples,
-                min_fidelity=args.min_fidelity, seed=args.seed, budget=budget)
+    _check_planner_options(args, budget)
+    return dict(rank=args.rank, method=args.method, only=args.only, skip=args.skip,
+                plan=args.plan, guard=not args.no_guard, tucker_sweeps=args.tucker_sweeps,
+                calib=args.calib, samples=args.samples, min_fidelity=args.min_fidelity,
+                seed=args.seed, budget=budget)
 
 
 BUDGET_HELP = """\
@@ -284,7 +301,7 @@ plan can meet fails with the least reachable latency.""")
                       help="calibration inputs (as for compress): data-aware SVD and spatial "
                            "SVD fitted on the first three quarters, errors measured on the last "
                            "quarter; default random inputs and plain factors")
-    plan.add_argument("--samples", type=_count, default=4,
+    plan.add_argument("--samples", type=_count, default=api.PLANNER_FEEDS,
                       help="feeds the error model uses (default 4; with --calib, at most "
                            "the held-out last quarter)")
     plan.add_argument("--seed", type=_seed, default=0, help="seed of random feeds")
@@ -350,7 +367,8 @@ plan can meet fails with the least reachable latency.""")
                         help="run an ARM artifact with the C++ runner under qemu-user, or a "
                              "microcontroller build under qemu-system-arm")
     verify.add_argument("--calib", metavar="NPZ", help="inputs (as for compress); default random")
-    verify.add_argument("--samples", type=_count, default=2, help="random feeds (default 2)")
+    verify.add_argument("--samples", type=_count,
+                        help="random feeds when there is no --calib (default 2)")
     verify.add_argument("--seed", type=_seed, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest relative L2 error accepted (default 1e-4); an output "
@@ -434,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _analyze(args, shapes, console: Console) -> int:
-    check_outputs(args.json, inputs=[args.model.split(":")[0]])
+    check_outputs(args.json, inputs=api.source_files(args.model))
     with console.status("analysing (tracing, probing shapes, computing spectra)"):
         analysis = api.analyze(args.model, input_shapes=shapes)
         rows = analysis.rows()
@@ -494,7 +512,9 @@ def _compile(args, shapes, console: Console) -> int:
 
     planned = args.budget_ms is not None or args.budget_params is not None
     compress_options = _compression_kwargs(args) if args.rank or args.plan or planned else None
-    unused = _given_compression_options(args) if compress_options is None else []
+    if compress_options is None:
+        _check_planner_options(args, None)
+    unused = [] if compress_options else _given_compression_options(args)
     if unused:
         raise LrdeployError(f"{', '.join(unused)}: compile compresses the model only with "
                             "--rank, --plan or --budget-ms / --budget-params, so give one of "
@@ -515,9 +535,12 @@ def _verify(args, shapes, console: Console) -> int:
 
     if not args.tolerance >= 0:
         raise LrdeployError(f"--tolerance {args.tolerance:g}: a relative error must be >= 0")
+    if args.calib and args.samples is not None:
+        raise LrdeployError("--samples counts random feeds; with --calib every calibration "
+                            "sample is fed: drop one of them")
     with console.status("verifying") as status:
         result = verify_artifact(args.outdir, emulate=args.emulate, calib=args.calib,
-                                 samples=args.samples, seed=args.seed,
+                                 samples=args.samples or 2, seed=args.seed,
                                  progress=lambda message: status.update(message))
     print_verification(console, result)
     failed = result.failures(args.tolerance)

@@ -62,6 +62,26 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
+def onnx_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files an ONNX model is read from: the model and the external-data files it names
+    in its folder (outputs must replace none of them). Only the model's own bytes are parsed;
+    a file that is not a readable model is left to ``load_onnx`` to refuse."""
+    path = Path(path)
+    files = [path]
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf raises several unrelated types for bad bytes
+        return files
+    base_dir = path.resolve().parent
+    for tensor in _all_tensors(proto.graph):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            target = base_dir / location
+            if location and target not in files:
+                files.append(target)
+    return files
+
+
 def _check_external_location(path: Path, base_dir: Path, tensor: onnx.TensorProto) -> None:
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")

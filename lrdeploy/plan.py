@@ -10,14 +10,14 @@ import fnmatch
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import onnx_ir as ir
 
 from lrdeploy.analysis import ModelAnalysis
 from lrdeploy.errors import LrdeployError, warn
-from lrdeploy.methods import DENSE, PLAIN, Grams, Means, method_for, rule_for
+from lrdeploy.methods import DENSE, PLAIN, Grams, Means, method_for, rule_for, rules
 from lrdeploy.ranks import RankRule, resolve_ranks
 from lrdeploy.sites import Site
 from lrdeploy.tensorize import TTLayout
@@ -57,22 +57,29 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> Plan:
+        """A plan from its JSON form, refusing what would otherwise be applied as something
+        else: a field this format does not have (a misspelt one would be ignored), ranks that
+        are not whole numbers (3.7 would become 3, "12" the ranks 1 and 2), an unknown
+        method, a negative sweep count, a site named twice."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise LrdeployError(f"{source}: not an lrdeploy plan (expected format {PLAN_FORMAT})")
         try:
-            entries = [PlanEntry(e["site"], e["method"], [int(r) for r in e.get("ranks", [])],
-                                 e.get("note", ""), e.get("tt")) for e in data["entries"]]
+            _check_fields("the plan", data, PLAN_FIELDS, {"format", "entries"})
+            if not isinstance(data["entries"], list):
+                raise ValueError("entries must be a list")
+            entries = [_entry(e) for e in data["entries"]]
             sites = [e.site for e in entries]
             twice = sorted({site for site in sites if sites.count(site) > 1})
             if twice:
                 raise ValueError(f"site(s) {', '.join(twice)} appear more than once")
-            for entry in entries:
-                if entry.method == "tt":
-                    entry.rule_ranks()  # a missing or malformed layout fails here
             bias_correction = data.get("bias_correction", False)
             if not isinstance(bias_correction, bool):
                 raise ValueError(f"bias_correction must be true or false, not {bias_correction!r}")
-            return cls(entries, int(data.get("tucker_sweeps", 0)), bias_correction, source)
+            sweeps = data.get("tucker_sweeps", 0)
+            if not _is_whole(sweeps) or sweeps < 0:
+                raise ValueError(f"tucker_sweeps must be a whole number, 0 or more, not "
+                                 f"{sweeps!r}")
+            return cls(entries, sweeps, bias_correction, source)
         except (KeyError, TypeError, ValueError) as exc:
             raise LrdeployError(f"{source}: malformed plan entry ({exc})") from None
 
@@ -106,6 +113,47 @@ class Plan:
 
     def factorized(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.method != DENSE]
+
+
+PLAN_FIELDS = ("format", "tucker_sweeps", "bias_correction", "entries")
+ENTRY_FIELDS = tuple(f.name for f in fields(PlanEntry))
+
+
+def _check_fields(what: str, data: object, known: Sequence[str], required: set[str]) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be an object, not {data!r}")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{what} has unknown field(s) {', '.join(unknown)}; the fields are "
+                         f"{', '.join(known)}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise ValueError(f"{what} lacks {', '.join(missing)}")
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(data: object) -> PlanEntry:
+    """One entry of a plan's JSON form, checked (see ``Plan.from_dict``)."""
+    _check_fields(f"entry {data!r}", data, ENTRY_FIELDS, {"site", "method"})
+    site, method = data["site"], data["method"]
+    if not isinstance(site, str):
+        raise ValueError(f"site must be a name, not {site!r}")
+    known = sorted({rule.method for rule in rules()} | {DENSE})
+    if method not in known:
+        raise ValueError(f"site '{site}': method {method!r} is not one of {', '.join(known)}")
+    ranks = data.get("ranks", [])
+    if not isinstance(ranks, list) or not all(_is_whole(r) for r in ranks):
+        raise ValueError(f"site '{site}': ranks must be a list of whole numbers, not {ranks!r}")
+    note = data.get("note", "")
+    if not isinstance(note, str):
+        raise ValueError(f"site '{site}': note must be text, not {note!r}")
+    entry = PlanEntry(site, method, ranks, note, data.get("tt"))
+    if method == "tt":
+        entry.rule_ranks()  # a missing or malformed layout fails here
+    return entry
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -176,11 +224,13 @@ def apply_plan(model: ir.Model, plan: Plan, sites: Sequence[Site],
     groups: dict[type, tuple] = {}
     plan = plan.as_applied(grams is not None, means is not None)
     means = means if plan.bias_correction else None
+    absent = [e.site for e in plan.entries if e.site not in by_name]
+    if absent:
+        raise LrdeployError(f"{plan.source}: names site(s) {', '.join(absent)}, which this "
+                            "model does not have as factorizable sites (lrdeploy analyze "
+                            "lists them)")
     for entry in plan.factorized():
-        site = by_name.get(entry.site)
-        if site is None:
-            raise LrdeployError(f"{plan.source}: names site '{entry.site}', which this model "
-                                "does not have as a factorizable site")
+        site = by_name[entry.site]
         rule = rule_for(entry.method, site, plan.tucker_sweeps, grams, means)
         if rule is None:
             raise LrdeployError(f"{plan.source}: method '{entry.method}' does not apply to site "

@@ -73,6 +73,9 @@ def build_report(
         "source": source,
         "output": None if output is None else str(output),
         "plan_source": plan_source,
+        # As applied: without calibration means a plan's bias correction is dropped.
+        "bias_correction": plan.bias_correction,
+        "tucker_sweeps": plan.tucker_sweeps,
         "inputs": analysis.input_rows(),
         "sites": sites,
         "skipped": analysis.skipped_rows(),
@@ -247,6 +250,10 @@ def print_verification(console: Console, result) -> None:
                             f"{result.feed_source}", [f.to_dict() for f in result.fidelity])
 
 
+def _or_dash(value: float | None, pattern: str = "{:.3f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
 def print_profile(console: Console, data: dict) -> None:
     emulated = " (EMULATED: timings say nothing about a real board)" \
         if data["device"].get("emulated") else ""
@@ -255,16 +262,14 @@ def print_profile(console: Console, data: dict) -> None:
                    "vs first", "max rel. error"):
         table.add_column(column)
 
-    def fmt(value: float | None, pattern: str = "{:.3f}") -> str:
-        return "-" if value is None else pattern.format(value)
-
     for row in data["timings"]:
         where = row["where"] + (" [emulated]" if row["emulated"] else "")
         table.add_row(
             os.path.basename(row["model"].rstrip("/")), row["runtime"], where,
-            str(len(row["samples_ms"])), fmt(row["median_ms"]), fmt(row["p90_ms"]),
-            fmt(row["min_ms"]), fmt(row["max_ms"]), fmt(row["stddev_ms"]),
-            fmt(row["ratio_to_first"], "{:.2f}x"), fmt(row["max_relative_error"], "{:.1e}"),
+            str(len(row["samples_ms"])), _or_dash(row["median_ms"]), _or_dash(row["p90_ms"]),
+            _or_dash(row["min_ms"]), _or_dash(row["max_ms"]), _or_dash(row["stddev_ms"]),
+            _or_dash(row["ratio_to_first"], "{:.2f}x"),
+            _or_dash(row["max_relative_error"], "{:.1e}"),
         )
     console.print(table)
 
@@ -416,7 +421,7 @@ def print_plan(console: Console, outcome, frontier_rows: int = 12) -> None:
         sites.add_row(row["site"], row["method"], _ranks(row["ranks"]),
                       *((f"{row['dense_ms']:.4f}", f"{row['chosen_ms']:.4f}") if timed else ()),
                       f"{_num(row['params_before'])} -> {_num(row['params_after'])}",
-                      f"{row['site_error']:.3g}", f"{row['sensitivity']:.3g}")
+                      f"{row['site_error']:.3g}", _or_dash(row["sensitivity"], "{:.3g}"))
     console.print(sites)
     # The engine goes in the column header: as the title of this narrow table it wrapped.
     frontier = Table(title="Pareto frontier", title_justify="left")

@@ -36,6 +36,7 @@ class InputSpec:
     shape: tuple[int, ...]
     assumed: tuple[int, ...] = ()  # axes whose size was not in the model nor given by the user
     static: tuple[int, ...] = ()  # axes whose size the model fixes
+    given: bool = False  # the shape was given for this input (--input-shape)
 
     def model_shape(self) -> str:
         """The shape the model takes, ``?`` on the axes it leaves free."""
@@ -85,7 +86,7 @@ def input_specs(
                     f"model's shape {_shape_text(dims)}"
                 )
             specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), given,
-                                   static=static))
+                                   static=static, given=True))
             continue
         if dims is None:
             raise LrdeployError(

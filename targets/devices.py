@@ -11,6 +11,7 @@ model uses them when a device cannot be measured, and reports its results as est
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -238,13 +239,10 @@ def load_device_file(path: str | os.PathLike[str]) -> dict[str, Device]:
         if values["family"] not in FAMILIES:
             raise LrdeployError(f"{path}: device '{name}': family must be one of "
                                 f"{', '.join(FAMILIES)}")
-        numbers = [f for f in POSITIVE_FIELDS if values.get(f) is not None]
-        wrong = [f"{f}={values[f]!r}" for f in numbers
-                 if isinstance(values[f], bool) or not isinstance(values[f], int | float)
-                 or not values[f] > 0]
+        wrong = [f"{f}={values[f]!r}: {problem}" for f in values
+                 if (problem := _field_problem(f, values[f])) is not None]
         if wrong:
-            raise LrdeployError(f"{path}: device '{name}': {', '.join(wrong)}: must be a number "
-                                "above 0")
+            raise LrdeployError(f"{path}: device '{name}': {'; '.join(wrong)}")
         devices[name] = Device(**values)
     return devices
 
@@ -252,6 +250,37 @@ def load_device_file(path: str | os.PathLike[str]) -> dict[str, Device]:
 # The roofline divides by these, and the planner steps ranks by simd_lanes.
 POSITIVE_FIELDS = ("cores", "peak_gflops", "bandwidth_gbs", "simd_lanes", "peak_gflops_fp16",
                    "flash_kib", "ram_kib")
+# What each field of a row holds, by the annotation of ``Device`` (a file's row is checked
+# against it: JSON and TOML give 8.0 for a lane count, or text for a number, just as readily).
+_FIELD_TYPES = {f.name: f.type for f in fields(Device)}
+
+
+def _field_problem(name: str, value: Any) -> str | None:
+    """Why a device file's ``value`` cannot be field ``name`` of a row, or None."""
+    kind = _FIELD_TYPES[name]
+    if value is None:
+        return None if "None" in kind else "must be given"
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be a whole number"
+    elif kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            return "must be a finite number"
+    elif kind.startswith("str") and not isinstance(value, str):
+        return "must be text"
+    elif kind == "bool" and not isinstance(value, bool):
+        return "must be true or false"
+    elif kind.startswith("list") and (not isinstance(value, list)
+                                      or not all(isinstance(v, str) for v in value)):
+        return "must be a list of text"
+    elif kind.startswith("dict") and not isinstance(value, dict):
+        return "must be a table"
+    if name in POSITIVE_FIELDS and not value > 0:
+        return "must be above 0"
+    if name == "l2_kib" and value < 0:
+        return "must be 0 or more"
+    return None
 
 
 def all_devices(device_file: str | os.PathLike[str] | None = None) -> dict[str, Device]:

@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import helper
 
+import lrdeploy
 from conftest import make_model, run_cli, tensor_value, weight
 
 
@@ -57,6 +58,12 @@ def _bad_inputs(tmp_path, small_model):
     plan.write_text(json.dumps({"format": "lrdeploy-plan/1", "entries": [entry]}))
     (tmp_path / "twice.json").write_text(json.dumps({"format": "lrdeploy-plan/1",
                                                       "entries": [entry, entry]}))
+    for name, edited in (("fractional", {**entry, "ranks": [3.5]}),
+                         ("misspelt", {**entry, "bias_corection": True})):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"format": "lrdeploy-plan/1",
+                                                            "entries": [edited]}))
+    (tmp_path / "net.py").write_text("import torch\n\n\ndef make():\n"
+                                     "    return torch.nn.Linear(96, 80)\n")
     return {
         "missing file": ([tmp_path / "nope.onnx"], ["nope.onnx", "no such file"]),
         "truncated": ([truncated], ["truncated.onnx"]),
@@ -92,6 +99,28 @@ def _bad_inputs(tmp_path, small_model):
                                      ["nowhere", "does not exist"]),
         "min fidelity not a cosine": ([small_model, "--min-fidelity", "1.5"],
                                       ["--min-fidelity 1.5", "between -1 and 1"]),
+        "plan is the external data": ([tmp_path / "shared.onnx", "--rank", "rank:8",
+                                       "--save-plan", tmp_path / "weights.bin"],
+                                      ["weights.bin", "is the input"]),
+        "plan is the factory": ([f"{tmp_path / 'net.py'}:make", "--input-shape", "1,96",
+                                 "--rank", "rank:8", "--save-plan", tmp_path / "net.py"],
+                                ["net.py", "is the input"]),
+        "planner option without a budget": ([small_model, "--rank", "rank:8", "--engine",
+                                             "roofline"], ["--engine", "only the planner"]),
+        "plan and budget": ([small_model, "--plan", plan, "--budget-params", "50%"],
+                            ["--plan fixes", "give one of them"]),
+        "budget and tucker sweeps": ([small_model, "--budget-params", "50%",
+                                      "--tucker-sweeps", "2"], ["drop --tucker-sweeps"]),
+        "calibration against --input-shape": ([small_model, "--rank", "rank:8", "--calib",
+                                               calib, "--input-shape", "2,96"],
+                                              ["calib.npz", "[1, 96]",
+                                               "--input-shape gives [2, 96]"]),
+        "plan with a fractional rank": ([small_model, "--plan", tmp_path / "fractional.json"],
+                                        ["fractional.json", "whole numbers", "[3.5]"]),
+        "plan with a misspelt field": ([small_model, "--plan", tmp_path / "misspelt.json"],
+                                       ["misspelt.json", "unknown field(s) bias_corection"]),
+        "infinite budget": ([small_model, "--budget-params", "inf"],
+                            ["--budget-params inf", "positive number"]),
     }
 
 
@@ -100,7 +129,10 @@ CASES = ["missing file", "truncated", "not onnx", "external outside", "malformed
          "plan is the report", "calibration of another shape", "calibration not an npz",
          "calibration with NaN", "calibration without samples", "plan in a missing folder",
          "min fidelity not a cosine", "plan and rank", "budget and only",
-         "plan naming a site twice"]
+         "plan naming a site twice", "plan is the external data", "plan is the factory",
+         "planner option without a budget", "plan and budget", "budget and tucker sweeps",
+         "calibration against --input-shape", "plan with a fractional rank",
+         "plan with a misspelt field", "infinite budget"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -185,7 +217,8 @@ def test_compress_writes_model_report_and_plan_that_reapplies(tmp_path, small_mo
 
 @pytest.mark.parametrize("entry, fragments", [
     ({"site": "mm", "method": "svd", "ranks": [500]}, ["ranks [500]", "'mm'"]),
-    ({"site": "attention", "method": "svd", "ranks": [8]}, ["names site 'attention'"]),
+    ({"site": "attention", "method": "svd", "ranks": [8]}, ["names site(s) attention"]),
+    ({"site": "attention", "method": "dense"}, ["names site(s) attention"]),
     ({"site": "mm", "method": "tucker2", "ranks": [8, 8]}, ["method 'tucker2'", "'mm'"]),
 ])
 def test_a_plan_that_does_not_fit_the_model_is_refused_naming_its_file(tmp_path, small_model,
@@ -277,13 +310,19 @@ def test_help_explains_the_rank_rules():
     (["analyze", "{tmp}/net.py"], ["net.py", "net.py:FACTORY"]),
     (["targets", "--device-file", "{tmp}/board.json"], ["board.json", "peak_gflops=0",
                                                          "above 0"]),
+    (["targets", "--device-file", "{tmp}/lanes.json"], ["lanes.json", "simd_lanes=8.0",
+                                                        "whole number"]),
+    (["compile", "{model}", "-o", "{tmp}/art", "--engine", "roofline"],
+     ["--engine", "only the planner"]),
 ])
 def test_other_commands_refuse_what_would_lose_or_ignore_something(tmp_path, small_model,
                                                                    command, fragments):
-    (tmp_path / "board.json").write_text(json.dumps({"board": {
-        "description": "a board", "family": "arm_cpu", "tvm_target": {"kind": "llvm"},
-        "triple": "aarch64-linux-gnu", "cores": 4, "peak_gflops": 0, "bandwidth_gbs": 4,
-        "l2_kib": 512}}))
+    board = {"description": "a board", "family": "arm_cpu", "tvm_target": {"kind": "llvm"},
+             "triple": "aarch64-linux-gnu", "cores": 4, "peak_gflops": 0, "bandwidth_gbs": 4,
+             "l2_kib": 512}
+    (tmp_path / "board.json").write_text(json.dumps({"board": board}))
+    (tmp_path / "lanes.json").write_text(json.dumps({"board": {**board, "peak_gflops": 10,
+                                                               "simd_lanes": 8.0}}))
     (tmp_path / "net.py").write_text("import torch\n")
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     proc = run_cli(*[part.format(model=small_model, tmp=tmp_path) for part in command])
@@ -313,6 +352,41 @@ def test_a_data_aware_plan_applied_without_calibration_is_reported_as_applied(tm
                    "--report", report, "--save-plan", saved)
     assert proc.returncode == 0, proc.stderr
     assert "get plain factors" in proc.stderr and "biases are left" in proc.stderr
-    assert json.loads(report.read_text())["sites"][0]["method"] == "svd"
+    applied = json.loads(report.read_text())
+    assert applied["sites"][0]["method"] == "svd" and applied["bias_correction"] is False
     resaved = json.loads(saved.read_text())
     assert resaved["entries"][0]["method"] == "svd" and resaved["bias_correction"] is False
+
+
+def test_the_api_refuses_what_the_command_line_refuses(tmp_path, small_model):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "lrdeploy-plan/1",
+                                "entries": [{"site": "mm", "method": "svd", "ranks": [8]}]}))
+    half = lrdeploy.Budget("params", 0.5, relative=True)
+    for kwargs, message in (
+            ({"plan": plan, "budget": half}, "give one of them"),
+            ({"plan": plan, "rank": "rank:4"}, "drop --rank"),
+            ({"budget": half, "only": ["mm"]}, "drop --only"),
+            ({"samples": 0}, "samples 0"),
+            ({"seed": -1}, "seed -1")):
+        with pytest.raises(lrdeploy.LrdeployError, match=message):
+            lrdeploy.compress(small_model, tmp_path / "o.onnx", **kwargs)
+    with pytest.raises(lrdeploy.LrdeployError, match="positive number"):
+        lrdeploy.Budget("params", float("inf"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "small.onnx"]
+
+
+def test_outputs_the_original_holds_not_finite_are_compared_where_finite(tmp_path):
+    """Where the original's output is not finite (here NaN, a log of the negative values of an
+    input, as -inf where a mask is 0), the same value in the compressed model is agreement, not
+    a lost output, and the finite values are compared as usual."""
+    path = tmp_path / "log.onnx"
+    onnx.save_model(make_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                                helper.make_node("Log", ["m"], ["l"]),
+                                helper.make_node("Add", ["h", "l"], ["y"])],
+                               [tensor_value("x", [4, 96]), tensor_value("m", [4, 80])], ["y"],
+                               [weight("w", (96, 80), 0)]), path)
+    exact = lrdeploy.compress(path, tmp_path / "exact.onnx", rank="full", guard=False)
+    assert exact.fidelity[0].relative_l2_error < 1e-5 and exact.min_cosine > 0.9999
+    lossy = lrdeploy.compress(path, tmp_path / "lossy.onnx", rank="rank:8")
+    assert 1e-3 < lossy.fidelity[0].relative_l2_error < np.inf
