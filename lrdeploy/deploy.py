@@ -14,6 +14,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,7 @@ import onnx_ir as ir
 from lrdeploy import __version__, frontend, runtime
 from lrdeploy.api import compress, load
 from lrdeploy.errors import LrdeployError
-from lrdeploy.fileio import write_json
+from lrdeploy.fileio import check_outputs, write_json
 from lrdeploy.sites import initializer_bytes
 from lrdeploy.targets.devices import Device, check_dtype, get_device
 from lrdeploy.verify import OutputFidelity, compare_outputs, reference_outputs
@@ -121,9 +122,10 @@ def compile_model(
         compress_options = {**compress_options, "budget": dataclasses.replace(
             budget, dtype=dtype, sample_schedules=sample_schedules, engine=engine)}
     if tune_trials and device.family != "host":
-        raise LrdeployError(f"tuning for '{device.name}' needs the device itself (RPC, in the "
-                            "profile command); without one, compile untuned (--tune-trials 0) "
-                            "or with --sample-schedules")
+        raise LrdeployError(f"tuning for '{device.name}': lrdeploy tunes on this machine only "
+                            "(MetaSchedule times its candidates where it runs, and tuning over "
+                            "RPC is not supported); compile untuned (--tune-trials 0) or with "
+                            "--sample-schedules")
     if sample_schedules and tune_trials:
         raise LrdeployError("give --tune-trials or --sample-schedules, not both (tuning "
                             "measures its own schedules)")
@@ -307,7 +309,7 @@ class VerifyResult:
         (its graph rewrites on vs off): differences within that noise are no evidence of a
         wrong artifact, e.g. on an output that is ~1e-7 everywhere."""
         return [f for f in self.fidelity
-                if f.relative_l2_error > max(tolerance, f.noise_floor)]
+                if not f.relative_l2_error <= max(tolerance, f.noise_floor)]
 
 
 def verify_artifact(
@@ -363,8 +365,17 @@ Each is an .npy file, or raw little-endian data given as PATH@DIMS:DTYPE
 (e.g. x.bin@1x3x224x224:float32).
 Outputs are written as outputs/output_K.npy in the order {outputs}; the last line printed is JSON
 with the median / min / max latency in ms over --runs runs after --warmup runs.
-The runner needs only lib/ beside it (TVM {tvm} runtime, found through its rpath).
+The runner needs only lib/ beside it (TVM {tvm} runtime, found through its rpath){libc}.
 """
+
+
+def glibc_needed(binaries: Sequence[Path]) -> str | None:
+    """The newest glibc symbol version the binaries ask for (``2.34``), None for none (an
+    Android or static binary). The versions a binary needs are plain strings in its
+    ``.gnu.version_r`` section; reading them spares a dependency on an ELF library."""
+    versions = {tuple(map(int, m.groups())) for path in binaries
+                for m in re.finditer(rb"GLIBC_(\d+)\.(\d+)", path.read_bytes())}
+    return ".".join(map(str, max(versions))) if versions else None
 
 
 def bundle_artifact(outdir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
@@ -385,8 +396,7 @@ def bundle_artifact(outdir: str | os.PathLike[str], dest: str | os.PathLike[str]
                             "model.so")
     if dest.exists():
         raise LrdeployError(f"{dest}: already exists; choose a new folder")
-    if not dest.parent.is_dir():
-        raise LrdeployError(f"{dest}: parent folder {dest.parent} does not exist")
+    check_outputs(dest, inputs=[outdir])  # its folder exists, and it is not in the artifact
     runner = deploy_runner.runner_for(device)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
         staged = Path(tmp) / "bundle"
@@ -397,8 +407,14 @@ def bundle_artifact(outdir: str | os.PathLike[str], dest: str | os.PathLike[str]
         for name in (manifest["artifact"], MANIFEST, manifest["onnx"]):
             shutil.copy2(outdir / name, staged / name)
         inputs = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in manifest["inputs"])
+        # The runner is linked by this machine's cross toolchain: a device with an older C
+        # library (Raspberry Pi OS Bullseye has 2.31) cannot start it.
+        libc = glibc_needed([staged / deploy_runner.RUNNER, staged / manifest["artifact"],
+                             *(staged / "lib").iterdir()])
         (staged / "README.md").write_text(BUNDLE_README.format(
             name=outdir.name, device=device.description, count=len(manifest["inputs"]),
-            inputs=inputs, outputs=", ".join(manifest["outputs"]), tvm=manifest["tvm_version"]))
+            inputs=inputs, outputs=", ".join(manifest["outputs"]), tvm=manifest["tvm_version"],
+            libc=f", and glibc {libc} or newer on the device (ldd --version shows it)"
+            if libc else ""))
         os.replace(staged, dest)
     return dest

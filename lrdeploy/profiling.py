@@ -310,7 +310,8 @@ def _dense_sites(model_path: Path) -> set[str]:
 
 
 def _ort_layers(model_path: Path, feed: runtime.Feeds, threads: int | None) -> list[dict]:
-    """Per ONNX node time from onnxruntime's own profiler, averaged over a few runs.
+    """Per ONNX node time from onnxruntime's own profiler, averaged over a few runs after a
+    warm-up.
 
     The profiling session keeps onnxruntime's graph rewrites at the basic level: its fusions
     and layout passes rename nodes after values ("hardtanh_2_nchwc"), which would hide the
@@ -345,7 +346,9 @@ def _ort_layers(model_path: Path, feed: runtime.Feeds, threads: int | None) -> l
     for node, entry in totals.items():
         site, factorized = site_of_node(node)
         kind = ("factorized" if factorized else "dense_site" if node in dense_sites else "other")
-        mean_ms = sum(entry["us"]) / (LAYER_SAMPLES + 1) / 1e3  # all runs, warm-up included
+        # The first run is the warm-up (a cold node took 88 us, then 12, 5, 5): left out.
+        per_run = max(1, len(entry["us"]) // (LAYER_SAMPLES + 1))
+        mean_ms = sum(entry["us"][per_run:]) / LAYER_SAMPLES / 1e3
         layers.append({"layer": node, "calls": 1, "ms": mean_ms,
                        "sites": [site] if kind != "other" else [], "kind": kind,
                        "op": entry["op"]})
@@ -413,7 +416,14 @@ def profile(
         raise LrdeployError(f"--runtime must be one of {', '.join(RUNTIMES)}")
     if runs < 1 or warmup < 0:
         raise LrdeployError("--runs must be >= 1 and --warmup >= 0")
+    if threads is not None and threads < 1:
+        raise LrdeployError(f"--threads {threads}: must be 1 or more")
+    if not timeout_s > 0:
+        raise LrdeployError(f"--timeout {timeout_s:g}: must be above 0 seconds")
     place = _Place(rpc, tracker, key, timeout_s)
+    if emulated and not place.remote:
+        raise LrdeployError("--emulated labels the device behind --rpc / --tracker as an "
+                            "emulator; give one of those (local timings are this machine's)")
     result = ProfileResult([], {"where": place.label, "target": target,
                                 "emulated": emulated and place.remote})
     manifests = {}
@@ -422,9 +432,12 @@ def profile(
             manifests[item] = read_manifest(item)
         elif item.suffix != ".onnx":
             raise LrdeployError(f"{item}: neither an artifact folder nor an .onnx file")
+    if input_shapes is not None and len(manifests) == len(items):
+        raise LrdeployError("--input-shape sizes .onnx items; an artifact runs at the shapes it "
+                            "was compiled for: drop --input-shape")
     if "tvm" in runtimes:  # before anything is timed: these are known now
         for item, manifest in manifests.items():
-            _check_timeable(str(item), manifest["device"], place)
+            _check_timeable(str(item), manifest["device"], place, manifest["linked"])
         if len(manifests) < len(items):  # .onnx items are compiled for the target
             _check_timeable(target, get_device(target, device_file).to_dict(), place)
     # An .onnx beside artifacts runs at their shapes (when they agree), not at the defaults
@@ -461,6 +474,7 @@ def profile(
                     manifest = compile_model(item, target, outdir, device_file=device_file,
                                              input_shapes=inputs, dtype=dtype,
                                              sample_schedules=sample_schedules)
+                    _check_timeable(target, manifest["device"], place, manifest["linked"])
                 device = manifest["device"]
                 timing = Timing(str(item), "tvm", f"{device['name']} via {place.label}",
                                 emulated and place.remote, inputs=inputs)
@@ -488,7 +502,7 @@ def profile(
     return result
 
 
-def _check_timeable(item: str, device: dict, place: _Place) -> None:
+def _check_timeable(item: str, device: dict, place: _Place, linked: bool = True) -> None:
     """Refuse a TVM timing that cannot happen from here, naming the item (an artifact, or the
     target an .onnx is compiled for)."""
     if device["family"] == "mcu":
@@ -498,6 +512,9 @@ def _check_timeable(item: str, device: dict, place: _Place) -> None:
     if not place.remote and device["family"] != "host":
         raise LrdeployError(f"{item}: runs on {device['name']} ({device['triple']}); profile it "
                             "with --rpc or --tracker on that device")
+    if not linked:  # the device would have to link it, and a phone has no compiler
+        raise LrdeployError(f"{item}: model.tar is not linked into model.so (set "
+                            "ANDROID_NDK_HOME and compile again) and cannot be sent to a device")
 
 
 def _shapes_text(inputs: dict[str, list[int]]) -> str:

@@ -16,6 +16,7 @@ onnxruntime everywhere: it should compute the same numbers, padding included.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -115,6 +116,18 @@ def _data_positions(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 def _fidelity(name: str, a: np.ndarray, b: np.ndarray) -> OutputFidelity:
     if a.size == 0:
         return OutputFidelity(name, 0.0, 0.0, 1.0)
+    finite = np.isfinite(a)
+    if not finite.all() or not np.isfinite(b).all():
+        # Where the original is not finite (a -inf log-probability), the same value counts as
+        # agreement and the finite positions are compared. Anything else non-finite in ``b``
+        # is an output that lost its values: infinite error (NaN would compare false with
+        # every tolerance and pass), undefined cosine.
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        if not (same[~finite].all() and np.isfinite(b[finite]).all()):
+            return OutputFidelity(name, math.inf, math.inf, math.nan)
+        a, b = a[finite], b[finite]
+        if a.size == 0:
+            return OutputFidelity(name, 0.0, 0.0, 1.0)
     diff = a - b
     norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
     rel = float(np.linalg.norm(diff) / norm_a) if norm_a > 0 else float(np.linalg.norm(diff) > 0)

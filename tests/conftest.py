@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -40,11 +41,14 @@ def silero_vad() -> Path:
     return package_file("silero-vad", r"silero_vad/data/silero_vad\.onnx$")
 
 
-def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m lrdeploy`` as a user would; returns the completed process."""
+def run_cli(*args: str | Path, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m lrdeploy`` as a user would (``env``: variables set in their shell);
+    returns the completed process."""
     return subprocess.run(
         [sys.executable, "-m", "lrdeploy", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=600,
+        env=None if env is None else {**os.environ, **env},
     )
 
 

@@ -72,20 +72,24 @@ def test_bundle_runs_on_its_own_under_qemu(minilm_rpi4, tmp_path):
     outdir, manifest, _ = minilm_rpi4
     bundle = bundle_artifact(outdir, tmp_path / "bundle")
     assert elf_machine(bundle / "lrdeploy_runner") == ELF_MACHINE_AARCH64
-    assert "lrdeploy_runner" in (bundle / "README.md").read_text()
+    readme = (bundle / "README.md").read_text()
+    assert "lrdeploy_runner" in readme and "glibc 2." in readme
     inputs = []
     for spec in manifest["inputs"]:
         path = tmp_path / f"{spec['name']}.npy"
         np.save(path, np.ones(spec["shape"], dtype=spec["dtype"]))
         inputs += ["-i", str(path)]
-    (tmp_path / "outputs").mkdir()
     proc = subprocess.run(["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu",
                            "./lrdeploy_runner", "model.so", *inputs,
                            "-o", str(tmp_path / "outputs"), "--runs", "1", "--warmup", "0"],
                           cwd=bundle, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["outputs"] == len(manifest["outputs"])
+    # The runner makes the outputs' folder (-o names one that does not exist yet).
     assert len(list((tmp_path / "outputs").glob("output_*.npy"))) == len(manifest["outputs"])
+    # Nowhere inside the artifact: compile replaces only what it wrote there.
+    proc = run_cli("bundle", outdir, outdir / "bundle")
+    _assert_clean_failure(proc, "is inside the input folder")
 
 
 def test_mobilenet_v2_compressed_compiles_for_rpi4_and_matches(tmp_path):
@@ -221,6 +225,9 @@ def test_android_without_ndk_writes_object_archive(tmp_path, minilm_l3, monkeypa
     assert objects
     with pytest.raises(LrdeployError, match="not linked"):
         verify_artifact(tmp_path / "android", emulate=True)
+    # A phone has no compiler to link it: refused before any connection is tried.
+    with pytest.raises(LrdeployError, match="not linked into model.so"):
+        lrdeploy.profile([tmp_path / "android"], rpc="127.0.0.1:9")
 
 
 def _assert_clean_failure(proc, *fragments):

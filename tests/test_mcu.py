@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -100,6 +102,19 @@ def test_digits_cnn_runs_on_host_c_and_on_an_emulated_cortex_m4(digits) -> None:
     refused = run_cli("profile", project, "--runtime", "ort", "--runtime", "tvm")
     assert refused.returncode == 2 and "C projects are not timed" in refused.stderr
     assert "Latency" not in refused.stdout
+    # A shell's CFLAGS are the host compiler's: the cross build must not take them.
+    native = run_cli("verify", project, "--calib", digits["calib"], "--emulate",
+                     env={"CFLAGS": "-O2 -march=native"})
+    assert native.returncode == 0 and "verified" in native.stdout, native.stderr
+    # An output that turned NaN fails, whatever the tolerance (NaN compares false with it).
+    broken = digits["dir"] / "m4_nan"
+    shutil.copytree(project, broken)
+    source = (broken / "model.c").read_text()
+    *_, last = re.finditer(r"static const float \w+_data\[\d+\][^=]*= \{\n\s*([^,]+),", source)
+    source = source[:last.start(1)] + '__builtin_nanf("")' + source[last.end(1):]
+    (broken / "model.c").write_text(source)
+    failed = run_cli("verify", broken, "--calib", digits["calib"])
+    assert failed.returncode != 0 and "verified" not in failed.stdout, failed.stdout
     for manifest in (dense, lowrank):
         figures = manifest["mcu"]
         assert figures["weight_bytes"] == manifest["param_bytes"]

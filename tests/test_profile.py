@@ -233,6 +233,19 @@ def test_an_onnx_beside_an_artifact_runs_at_the_artifact_shapes(tmp_path, minilm
     with pytest.warns(LrdeployWarning, match="different input shapes.*input_ids=1x16"):
         lrdeploy.profile([minilm_l3, artifact], runtimes=["ort"], runs=2, warmup=1,
                          input_shapes={"input_ids": (1, 16)})
+    # With artifacts alone, --input-shape would size nothing.
+    with pytest.raises(lrdeploy.LrdeployError, match="runs at the shapes it was compiled for"):
+        lrdeploy.profile([artifact], runtimes=["ort"], input_shapes={"input_ids": (1, 16)})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"threads": 0}, "--threads 0: must be 1 or more"),
+    ({"timeout_s": 0}, "--timeout 0: must be above 0"),
+    ({"emulated": True}, "--emulated labels the device behind --rpc / --tracker"),
+])
+def test_profile_options_that_would_be_ignored_are_refused(minilm_l3, options, message):
+    with pytest.raises(lrdeploy.LrdeployError, match=message):
+        lrdeploy.profile([minilm_l3], runtimes=["ort"], **options)
 
 
 def test_a_gpu_artifact_is_sent_to_the_device_and_needs_its_opencl_runtime(

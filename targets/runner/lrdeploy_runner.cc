@@ -198,6 +198,8 @@ int main(int argc, char** argv) {
     else return Usage();
   }
   try {
+    // The outputs' folder is made first, so that one that cannot be made fails before the runs.
+    if (!out_dir.empty()) std::filesystem::create_directories(out_dir);
     // dlopen searches the library path for a bare file name; the user means this folder.
     ffi::Module lib = ffi::Module::LoadFromFile(std::filesystem::absolute(model).string());
     ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
