@@ -135,7 +135,8 @@ def _given_compression_options(args) -> list[str]:
     return [flag for flag, given in (
         ("--method", args.method != "auto"), ("--only", args.only), ("--skip", args.skip),
         ("--calib", args.calib), ("--min-fidelity", args.min_fidelity is not None),
-        ("--no-guard", args.no_guard), ("--tucker-sweeps", args.tucker_sweeps)) if given]
+        ("--no-guard", args.no_guard), ("--tucker-sweeps", args.tucker_sweeps),
+        ("--samples", args.samples is not None), ("--seed", args.seed != 0)) if given]
 
 
 def _given_planner_options(args) -> list[str]:

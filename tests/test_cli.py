@@ -314,6 +314,8 @@ def test_help_explains_the_rank_rules():
                                                         "whole number"]),
     (["compile", "{model}", "-o", "{tmp}/art", "--engine", "roofline"],
      ["--engine", "only the planner"]),
+    (["compile", "{model}", "-o", "{tmp}/art", "--samples", "8"],
+     ["--samples", "compile compresses the model only with"]),
 ])
 def test_other_commands_refuse_what_would_lose_or_ignore_something(tmp_path, small_model,
                                                                    command, fragments):
