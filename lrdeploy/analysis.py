@@ -18,11 +18,18 @@ import onnx_ir as ir
 from lrdeploy import runtime
 from lrdeploy.decompositions import effective_rank, energy_rank, evbmf_rank, singular_values
 from lrdeploy.methods import Grams, Means, method_for, rule_for
-from lrdeploy.passes.base import Factorization
+from lrdeploy.passes.base import Cost, Factorization
 from lrdeploy.ranks import largest_scaled_ranks
 from lrdeploy.sites import Site, SkippedSite, find_sites, model_params
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
+
+
+def pays_off(cost: Cost, site: Site) -> bool:
+    """True when a chain of ``cost`` has fewer parameters than the dense ``site``, and fewer
+    FLOPs where both are known (the break-even guard)."""
+    flops_ok = cost.flops is None or site.flops is None or cost.flops < site.flops
+    return cost.params < site.params and flops_ok
 
 
 @dataclass
@@ -51,9 +58,7 @@ class SiteSpectra:
 
     def is_profitable(self, ranks: Sequence[int]) -> bool:
         """True when ``ranks`` reduce parameters, and FLOPs where they are known."""
-        cost = self.rule.cost(self.site, ranks)
-        flops_ok = cost.flops is None or self.site.flops is None or cost.flops < self.site.flops
-        return cost.params < self.site.params and flops_ok
+        return pays_off(self.rule.cost(self.site, ranks), self.site)
 
     def break_even_ranks(self) -> tuple[int, ...] | None:
         """The largest uniformly scaled ranks that still pay off (None: not even rank 1 does)."""

@@ -7,6 +7,7 @@ Data flow: source -> ``frontend`` (canonical ONNX) -> ``analysis`` (sites, spect
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import tempfile
@@ -113,8 +114,28 @@ def _trace(module: Any, example_inputs, input_shapes, source: str, path: Path | 
             raise LrdeployError("a torch model needs example inputs or --input-shape to be traced")
         generator = torch.Generator().manual_seed(0)
         example_inputs = [torch.randn(*shape, generator=generator)
-                          for shape in input_shapes.values()]
+                          for shape in _in_forward_order(module, input_shapes, source)]
     return frontend.export_torch(module, example_inputs, source, path)
+
+
+def _in_forward_order(module: Any, input_shapes: Mapping[str, Sequence[int]], source: str
+                      ) -> list[Sequence[int]]:
+    """The shapes in the order ``module.forward`` takes its inputs: by name where they are
+    named (``x=1,64``), else in the order given. A name forward() does not take, or names
+    that leave an earlier input out, would trace the model on the wrong inputs."""
+    names = [k for k in input_shapes if not k.startswith("#")]
+    if not names:
+        return list(input_shapes.values())
+    if len(names) != len(input_shapes):
+        raise LrdeployError("--input-shape: give every input's shape by name, or none by name")
+    parameters = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(names) - set(parameters))
+    if unknown or set(names) != set(parameters[: len(names)]):
+        raise LrdeployError(f"--input-shape names {', '.join(unknown or names)}, but "
+                            f"{source}'s forward() takes {', '.join(parameters)} (shapes are "
+                            "needed for its first inputs)")
+    return [input_shapes[name] for name in parameters[: len(names)]]
 
 
 def analyze(

@@ -108,7 +108,7 @@ def _add_compression_options(parser: argparse.ArgumentParser, default_rank: str 
     group.add_argument("--no-guard", action="store_true",
                        help="factorize even where ranks do not reduce params and FLOPs "
                             "(e.g. --rank full to check exactness)")
-    group.add_argument("--tucker-sweeps", type=int, default=0, metavar="N",
+    group.add_argument("--tucker-sweeps", type=_sweeps, default=0, metavar="N",
                        help="HOOI sweeps refining the Tucker-2 HOSVD (default 0)")
     group.add_argument("--seed", type=_seed, default=0, help="seed of the random feeds")
 
@@ -118,6 +118,14 @@ def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"{text}: a seed is between 0 and 2**32 - 1")
+    return value
+
+
+def _sweeps(text: str) -> int:
+    """An argparse type: a count of zero or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
     return value
 
 
@@ -165,6 +173,10 @@ def _check_planner_options(args, budget: api.Budget | None) -> None:
 def _compression_kwargs(args) -> dict:
     budget = _budget(args)
     _check_planner_options(args, budget)
+    if args.calib and args.samples is not None and not budget:
+        raise LrdeployError("--samples counts random feeds (and, with a budget, the planner's "
+                            "error feeds); with --calib the held-out samples verify the "
+                            "result: drop one of them")
     return dict(rank=args.rank, method=args.method, only=args.only, skip=args.skip,
                 plan=args.plan, guard=not args.no_guard, tucker_sweeps=args.tucker_sweeps,
                 calib=args.calib, samples=args.samples, min_fidelity=args.min_fidelity,
@@ -195,19 +207,21 @@ def _add_budget_options(parser: argparse.ArgumentParser, target: bool, required:
                            help="with the tvm engine: compile the timed chains with sampled "
                                 "schedules, as compile --sample-schedules will compile the "
                                 "model (their figures are a table of their own)")
+    instead = "" if required else " (instead of --rank)"
     budgets = group.add_mutually_exclusive_group(required=required)
     budgets.add_argument("--budget-ms", metavar="MS|PCT%",
                          help="latency budget on the target in ms, or a share of the dense "
-                              "model's latency there, e.g. 75%% (replaces --rank)")
+                              f"model's latency there, e.g. 75%%{instead}")
     budgets.add_argument("--budget-params", metavar="P|PCT%",
                          help="parameter budget (weights in the whole model), e.g. for "
-                              "flash-bound devices, or a share of the dense model's (replaces "
-                              "--rank)")
+                              f"flash-bound devices, or a share of the dense model's{instead}")
+    # compile plans a host budget on TVM, the runtime its artifact runs on (deploy.py).
+    host_default = "onnxruntime on host" if target else "tvm on host (the artifact's runtime)"
     group.add_argument("--engine", choices=ENGINES,
                        help="how latency is known: onnxruntime (measured here; host only), tvm "
                             "(compiled and timed on the target: in-process for host, else over "
                             "--rpc/--tracker), roofline (estimated from the device table). "
-                            "Default: tvm with --rpc/--tracker, else onnxruntime on host and "
+                            f"Default: tvm with --rpc/--tracker, else {host_default} and "
                             "roofline on other targets")
     group.add_argument("--rpc", metavar="HOST:PORT", help="the target's TVM RPC server")
     group.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker (with --key)")
@@ -419,7 +433,8 @@ plan can meet fails with the least reachable latency.""")
     profile.add_argument("--json", metavar="FILE", help="write every raw figure as JSON "
                                                         "(also when a fault stops the run)")
     profile.add_argument("--html", metavar="FILE",
-                         help="write an HTML report with a bar chart of per-layer time")
+                         help="write an HTML report: the timings, and with --per-layer a "
+                              "bar chart of per-layer time")
     return parser
 
 

@@ -44,6 +44,11 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
     if path.suffix == ".py":
         raise LrdeployError(f"{path}: a torch model is given as {path}:FACTORY, FACTORY being "
                             "the function in it that returns the nn.Module")
+    with open(path, "rb") as head:
+        if head.read(4) == b"PK\x03\x04":  # torch.save writes a zip archive
+            raise LrdeployError(f"{path}: a zip archive (a PyTorch checkpoint?), not an ONNX "
+                                "model: give the model as FILE.py:FACTORY, or export it to "
+                                "ONNX first")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types for bad bytes

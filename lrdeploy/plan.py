@@ -152,7 +152,10 @@ def _entry(data: object) -> PlanEntry:
         raise ValueError(f"site '{site}': note must be text, not {note!r}")
     entry = PlanEntry(site, method, ranks, note, data.get("tt"))
     if method == "tt":
-        entry.rule_ranks()  # a missing or malformed layout fails here
+        if not isinstance(entry.tt, dict):
+            raise ValueError(f"site '{site}': method 'tt' needs a \"tt\" layout (in_modes, "
+                             "out_modes, order)")
+        entry.rule_ranks()  # a malformed layout fails here
     return entry
 
 

@@ -59,7 +59,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy import runtime
-from lrdeploy.analysis import ModelAnalysis
+from lrdeploy.analysis import ModelAnalysis, pays_off
 from lrdeploy.calibration import padding_mask, site_statistics
 from lrdeploy.decompositions import svd_output_errors, tail_sums, tt_matrix, tt_matrix_dense
 from lrdeploy.errors import LrdeployError, warn
@@ -85,8 +85,11 @@ LARGE_ERROR = 0.5
 RANK_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16, 1 / 2, 5 / 8, 3 / 4)
 SEED_ENERGIES = (0.8, 0.9, 0.95, 0.99)
 KINDS = ("ms", "params")
-# Tensor-train candidates: parameter levels (fractions of the dense weight) and orders d.
-TT_PARAM_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)
+# Tensor-train candidates: parameter levels (fractions of the dense weight) and orders d. A
+# TT chain must cut FLOPs too (the break-even guard), and a 256 x 256 layer as 16 x 16 by
+# 16 x 16 matches the dense FLOPs at 1/16 of the parameters (rank 8): the lowest level keeps
+# the ranks small enough to pay off.
+TT_PARAM_FRACTIONS = (1 / 64, 1 / 16, 1 / 8, 1 / 4)
 TT_PLANNER_ORDERS = (2, 3)
 Progress = Callable[[str], None]
 
@@ -284,6 +287,8 @@ class Planner:
             if choice is None:
                 continue
             layout = choice.chosen.layout
+            if not pays_off(rule_for("tt", site).cost(site, layout), site):
+                continue  # the break-even guard, as for every other method
             cores = tt_matrix(site.weight, layout.in_modes, layout.out_modes, layout.ranks)
             error = _squared_output_error(site.weight, tt_matrix_dense(cores), gram)
             out.append(Candidate("tt", layout.ranks, layout.params + site.bias_params, error,

@@ -421,6 +421,9 @@ def profile(
     if not timeout_s > 0:
         raise LrdeployError(f"--timeout {timeout_s:g}: must be above 0 seconds")
     place = _Place(rpc, tracker, key, timeout_s)
+    if place.remote and "tvm" not in runtimes:
+        raise LrdeployError("--rpc / --tracker reach a device for --runtime tvm; onnxruntime "
+                            "times this machine: add --runtime tvm, or drop them")
     if emulated and not place.remote:
         raise LrdeployError("--emulated labels the device behind --rpc / --tracker as an "
                             "emulator; give one of those (local timings are this machine's)")

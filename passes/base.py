@@ -175,7 +175,8 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, like: ir.Valu
     """Register ``array`` (cast to the dtype of ``like``; as it is without one) as a new
     initializer of ``graph``."""
     dtype = None if like is None else like.const_value.dtype.numpy()
-    tensor = ir.tensor(np.ascontiguousarray(array, dtype=dtype), name=name)
+    # ascontiguousarray makes a 0-d array 1-d: the reshape keeps a scalar (Gemm's beta) one.
+    tensor = ir.tensor(np.ascontiguousarray(array, dtype=dtype).reshape(array.shape), name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
     graph.register_initializer(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import onnx
@@ -64,6 +65,10 @@ def _bad_inputs(tmp_path, small_model):
                                                             "entries": [edited]}))
     (tmp_path / "net.py").write_text("import torch\n\n\ndef make():\n"
                                      "    return torch.nn.Linear(96, 80)\n")
+    (tmp_path / "tt.json").write_text(json.dumps({"format": "lrdeploy-plan/1", "entries": [
+        {"site": "mm", "method": "tt", "ranks": [4]}]}))
+    with zipfile.ZipFile(tmp_path / "checkpoint.onnx", "w") as archive:  # as torch.save writes
+        archive.writestr("archive/data.pkl", b"weights")
     return {
         "missing file": ([tmp_path / "nope.onnx"], ["nope.onnx", "no such file"]),
         "truncated": ([truncated], ["truncated.onnx"]),
@@ -121,6 +126,15 @@ def _bad_inputs(tmp_path, small_model):
                                        ["misspelt.json", "unknown field(s) bias_corection"]),
         "infinite budget": ([small_model, "--budget-params", "inf"],
                             ["--budget-params inf", "positive number"]),
+        "factory input misnamed": ([f"{tmp_path / 'net.py'}:make", "--input-shape", "inptu=1,96",
+                                    "--rank", "rank:8"],
+                                   ["--input-shape names inptu", "forward() takes input"]),
+        "a pytorch checkpoint": ([tmp_path / "checkpoint.onnx"],
+                                 ["checkpoint.onnx", "a zip archive", "FILE.py:FACTORY"]),
+        "samples with calibration": ([small_model, "--rank", "rank:8", "--calib", calib,
+                                      "--samples", "5"], ["--samples counts random feeds"]),
+        "tt entry without its layout": ([small_model, "--plan", tmp_path / "tt.json"],
+                                        ["tt.json", "needs a \"tt\" layout"]),
     }
 
 
@@ -132,7 +146,8 @@ CASES = ["missing file", "truncated", "not onnx", "external outside", "malformed
          "plan naming a site twice", "plan is the external data", "plan is the factory",
          "planner option without a budget", "plan and budget", "budget and tucker sweeps",
          "calibration against --input-shape", "plan with a fractional rank",
-         "plan with a misspelt field", "infinite budget"]
+         "plan with a misspelt field", "infinite budget", "factory input misnamed",
+         "a pytorch checkpoint", "samples with calibration", "tt entry without its layout"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -335,6 +350,7 @@ def test_other_commands_refuse_what_would_lose_or_ignore_something(tmp_path, sma
 @pytest.mark.parametrize("command, option", [
     (["compress", "{model}", "-o", "{tmp}/o.onnx", "--seed", "-1"], "--seed"),
     (["plan", "{model}", "--budget-params", "50%", "--samples", "0"], "--samples"),
+    (["compress", "{model}", "-o", "{tmp}/o.onnx", "--tucker-sweeps", "-1"], "--tucker-sweeps"),
 ])
 def test_out_of_range_counts_and_seeds_are_usage_errors(tmp_path, small_model, command, option):
     proc = run_cli(*[part.format(model=small_model, tmp=tmp_path) for part in command])

@@ -242,6 +242,7 @@ def test_an_onnx_beside_an_artifact_runs_at_the_artifact_shapes(tmp_path, minilm
     ({"threads": 0}, "--threads 0: must be 1 or more"),
     ({"timeout_s": 0}, "--timeout 0: must be above 0"),
     ({"emulated": True}, "--emulated labels the device behind --rpc / --tracker"),
+    ({"rpc": "127.0.0.1:9"}, "--rpc / --tracker reach a device for --runtime tvm"),
 ])
 def test_profile_options_that_would_be_ignored_are_refused(minilm_l3, options, message):
     with pytest.raises(lrdeploy.LrdeployError, match=message):

@@ -21,6 +21,7 @@ from lrdeploy.api import Budget, plan_for_budget
 from lrdeploy.latency import RooflineLatency
 from lrdeploy.passes.tt_matrix import TTMatrix
 from lrdeploy.plan import Plan, PlanEntry, apply_plan
+from lrdeploy.planner import Planner
 from lrdeploy.targets.devices import get_device
 from lrdeploy.tensorize import (
     TTLayout,
@@ -68,6 +69,8 @@ def test_tt_chain_is_exact_at_full_rank(tmp_path, mm_layout, gemm_layout):
     feed = runtime.random_inputs(model, runtime.input_specs(model))
     reference = runtime.run(runtime.session(model), feed)["y"]
     factorized = TTMatrix()(model, {"mm": mm_layout, "gemm": gemm_layout})
+    # Gemm's beta 2 becomes a scalar constant, which must stay a scalar for the checker.
+    onnx.checker.check_model(ir.serde.serialize_model(factorized), full_check=True)
     produced = runtime.run(runtime.session(factorized), feed)["y"]
     assert np.abs(produced - reference).max() <= 1e-4 * np.abs(reference).max()
     # Below full rank it is an approximation, not a copy.
@@ -175,3 +178,24 @@ def test_cli_plan_with_tt_writes_a_reappliable_plan(tmp_path):
     result = run_cli("compress", path, "--plan", plan_path, "-o", out)
     assert result.returncode == 0, result.stderr
     assert "MatMul" in {n.op_type for n in onnx.load(out).graph.node}
+
+
+def test_tensor_train_candidates_keep_to_the_break_even_guard(tmp_path):
+    """At batch 1 a TT chain of a 256 x 256 layer can cost twice the dense FLOPs while
+    holding far fewer parameters: a parameter budget must not be offered it."""
+    weight = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [tensor_value("x", [1, 256])], ["y"],
+                       [numpy_helper.from_array(weight, "w")])
+    path = tmp_path / "wide.onnx"
+    path.write_bytes(model.SerializeToString())
+    analysis = analyze_model(lrdeploy.load(path).canonical)
+    host = get_device("host")
+    feeds = [runtime.random_inputs(analysis.model, analysis.specs, 0)]
+    planner = Planner(analysis, host, RooflineLatency(host), feeds, methods=("svd", "tt"))
+    (options,) = planner.options
+    (site,) = analysis.sites
+    rule = TTMatrix()
+    for candidate in (c for c in options.menu if c.method == "tt"):
+        cost = rule.cost(site, candidate.tt)
+        assert cost.params < site.params and cost.flops < site.flops, candidate
