@@ -147,20 +147,22 @@ def _given_compression_options(args) -> list[str]:
         ("--samples", args.samples is not None), ("--seed", args.seed != 0)) if given]
 
 
+# The budget group's options with their defaults: the target ones (compile has its own, which
+# it uses uncompressed too), and those only the planner uses.
+TARGET_OPTIONS = (("--target", "target", "host"), ("--device-file", "device_file", None),
+                  ("--dtype", "dtype", "float32"),
+                  ("--sample-schedules", "sample_schedules", False))
+PLANNER_OPTIONS = (("--engine", "engine", None), ("--rpc", "rpc", None),
+                   ("--tracker", "tracker", None), ("--key", "key", None),
+                   ("--plain-svd", "plain_svd", False),
+                   ("--no-latency-cache", "no_latency_cache", False),
+                   ("--latency-threads", "latency_threads", None), ("--tt", "tt", False))
+
+
 def _given_planner_options(args) -> list[str]:
-    """The planner's options set away from their defaults, of those the command has (compile
-    owns --target, --device-file, --dtype and --sample-schedules)."""
-    planner_only = (("--target", "target", "host"), ("--device-file", "device_file", None),
-                    ("--dtype", "dtype", "float32"),
-                    ("--sample-schedules", "sample_schedules", False),
-                    ("--engine", "engine", None), ("--rpc", "rpc", None),
-                    ("--tracker", "tracker", None), ("--key", "key", None),
-                    ("--plain-svd", "plain_svd", False),
-                    ("--no-latency-cache", "no_latency_cache", False),
-                    ("--latency-threads", "latency_threads", None), ("--tt", "tt", False))
-    if args.command == "compile":
-        planner_only = planner_only[4:]
-    return [flag for flag, name, default in planner_only if getattr(args, name) != default]
+    """The options set away from their defaults that only the planner uses, in this command."""
+    options = PLANNER_OPTIONS if args.command == "compile" else TARGET_OPTIONS + PLANNER_OPTIONS
+    return [flag for flag, name, default in options if getattr(args, name) != default]
 
 
 def _check_planner_options(args, budget: api.Budget | None) -> None:
@@ -530,11 +532,11 @@ def _compile(args, shapes, console: Console) -> int:
     compress_options = _compression_kwargs(args) if args.rank or args.plan or planned else None
     if compress_options is None:
         _check_planner_options(args, None)
-    unused = [] if compress_options else _given_compression_options(args)
-    if unused:
-        raise LrdeployError(f"{', '.join(unused)}: compile compresses the model only with "
-                            "--rank, --plan or --budget-ms / --budget-params, so give one of "
-                            "those too (or drop these options)")
+        unused = _given_compression_options(args)
+        if unused:
+            raise LrdeployError(f"{', '.join(unused)}: compile compresses the model only with "
+                                "--rank, --plan or --budget-ms / --budget-params, so give one "
+                                "of those too (or drop these options)")
     with console.status("compiling") as status:
         manifest = compile_model(
             args.model, args.target, args.output, device_file=args.device_file,
@@ -556,7 +558,7 @@ def _verify(args, shapes, console: Console) -> int:
                             "sample is fed: drop one of them")
     with console.status("verifying") as status:
         result = verify_artifact(args.outdir, emulate=args.emulate, calib=args.calib,
-                                 samples=args.samples or 2, seed=args.seed,
+                                 samples=args.samples or api.VERIFY_FEEDS, seed=args.seed,
                                  progress=lambda message: status.update(message))
     print_verification(console, result)
     failed = result.failures(args.tolerance)

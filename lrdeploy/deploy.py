@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrdeploy import __version__, frontend, runtime
-from lrdeploy.api import compress, load
+from lrdeploy.api import VERIFY_FEEDS, compress, load
 from lrdeploy.errors import LrdeployError
 from lrdeploy.fileio import check_outputs, write_json
 from lrdeploy.sites import initializer_bytes
@@ -317,7 +317,7 @@ def verify_artifact(
     *,
     emulate: bool = False,
     calib: str | os.PathLike[str] | None = None,
-    samples: int = 2,
+    samples: int = VERIFY_FEEDS,
     seed: int = 0,
     progress: Progress = lambda message: None,
 ) -> VerifyResult:

@@ -80,16 +80,19 @@ def onnx_files(path: str | os.PathLike[str]) -> list[Path]:
     base_dir = path.resolve().parent
     for tensor in _all_tensors(proto.graph):
         if onnx.external_data_helper.uses_external_data(tensor):
-            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            location = _external_location(tensor)
             target = base_dir / location
             if location and target not in files:
                 files.append(target)
     return files
 
 
+def _external_location(tensor: onnx.TensorProto) -> str:
+    return {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+
+
 def _check_external_location(path: Path, base_dir: Path, tensor: onnx.TensorProto) -> None:
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
+    location = _external_location(tensor)
     target = (base_dir / location).resolve()
     if os.path.isabs(location) or not target.is_relative_to(base_dir):
         raise LrdeployError(

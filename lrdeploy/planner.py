@@ -61,7 +61,7 @@ import onnx_ir as ir
 from lrdeploy import runtime
 from lrdeploy.analysis import ModelAnalysis, pays_off
 from lrdeploy.calibration import padding_mask, site_statistics
-from lrdeploy.decompositions import svd_output_errors, tail_sums, tt_matrix, tt_matrix_dense
+from lrdeploy.decompositions import svd_output_errors, tail_sums
 from lrdeploy.errors import LrdeployError, warn
 from lrdeploy.latency import LatencyModel, RooflineLatency
 from lrdeploy.methods import DATA_AWARE, DENSE, PLAIN, rule_for
@@ -279,6 +279,7 @@ class Planner:
         shape's steps by measurement would take minutes per site); the chosen chain is then
         measured like every other candidate."""
         gram = (self.error_grams or {}).get(site.name)
+        rule = rule_for("tt", site)
         rows, cols = site.weight.shape
         out = []
         for fraction in TT_PARAM_FRACTIONS:
@@ -287,12 +288,12 @@ class Planner:
             if choice is None:
                 continue
             layout = choice.chosen.layout
-            if not pays_off(rule_for("tt", site).cost(site, layout), site):
+            cost = rule.cost(site, layout)
+            if not pays_off(cost, site):
                 continue  # the break-even guard, as for every other method
-            cores = tt_matrix(site.weight, layout.in_modes, layout.out_modes, layout.ranks)
-            error = _squared_output_error(site.weight, tt_matrix_dense(cores), gram)
-            out.append(Candidate("tt", layout.ranks, layout.params + site.bias_params, error,
-                                 tt=layout, measure="tt" if gram is None else "output"))
+            error = _squared_output_error(site.weight, rule.approximation(site, layout), gram)
+            out.append(Candidate("tt", layout.ranks, cost.params, error, tt=layout,
+                                 measure="tt" if gram is None else "output"))
         return out
 
     def _tt_step_cost(self, site: Site) -> StepCost:

@@ -254,6 +254,16 @@ def _or_dash(value: float | None, pattern: str = "{:.3f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _timing_cells(row: dict) -> list[str]:
+    """A timing's cells from runtime to the largest relative error, as both the console table
+    and the HTML page show them."""
+    return [row["runtime"], row["where"] + (" [emulated]" if row["emulated"] else ""),
+            str(len(row["samples_ms"])),
+            *(_or_dash(row[k]) for k in ("median_ms", "p90_ms", "min_ms", "max_ms", "stddev_ms")),
+            _or_dash(row["ratio_to_first"], "{:.2f}x"),
+            _or_dash(row["max_relative_error"], "{:.1e}")]
+
+
 def print_profile(console: Console, data: dict) -> None:
     emulated = " (EMULATED: timings say nothing about a real board)" \
         if data["device"].get("emulated") else ""
@@ -263,14 +273,7 @@ def print_profile(console: Console, data: dict) -> None:
         table.add_column(column)
 
     for row in data["timings"]:
-        where = row["where"] + (" [emulated]" if row["emulated"] else "")
-        table.add_row(
-            os.path.basename(row["model"].rstrip("/")), row["runtime"], where,
-            str(len(row["samples_ms"])), _or_dash(row["median_ms"]), _or_dash(row["p90_ms"]),
-            _or_dash(row["min_ms"]), _or_dash(row["max_ms"]), _or_dash(row["stddev_ms"]),
-            _or_dash(row["ratio_to_first"], "{:.2f}x"),
-            _or_dash(row["max_relative_error"], "{:.1e}"),
-        )
+        table.add_row(os.path.basename(row["model"].rstrip("/")), *_timing_cells(row))
     console.print(table)
 
     for row in data["timings"]:
@@ -306,24 +309,17 @@ def write_profile_html(path: str | os.PathLike[str], data: dict) -> None:
 
     plt = _pyplot()
     colours = {"factorized": "#2a9d8f", "dense_site": "#e76f51", "other": "#8d99ae"}
-    emulated = data["device"].get("emulated")
     device = data["device"]
     parts = [f"<h1>lrdeploy profile</h1><p>target {html.escape(str(device['target']))}, timed "
              f"{html.escape(str(device['where']))}</p>"]
-    if emulated:
+    if device.get("emulated"):
         parts.append("<p><b>EMULATED device: these timings say nothing about a real "
                      "board.</b></p>")
     header = ("model", "runtime", "where", "runs", "median ms", "p90 ms", "min ms", "max ms",
               "stddev ms", "vs first", "max rel. error", "error")
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            row["model"], row["runtime"], row["where"] + (" [emulated]" if row["emulated"] else ""),
-            len(row["samples_ms"]),
-            *(f"{row[k]:.3f}" if row[k] is not None else "-" for k in
-              ("median_ms", "p90_ms", "min_ms", "max_ms", "stddev_ms")),
-            f"{row['ratio_to_first']:.2f}x" if row["ratio_to_first"] else "-",
-            f"{row['max_relative_error']:.1e}" if row["max_relative_error"] is not None else "-",
-            row["error"] or "")) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in (
+            row["model"], *_timing_cells(row), row["error"] or "")) + "</tr>"
         for row in data["timings"])
     parts.append("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{h}</th>" for h in header)
                  + f"</tr>{rows}</table>")

@@ -114,8 +114,6 @@ def _data_positions(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def _fidelity(name: str, a: np.ndarray, b: np.ndarray) -> OutputFidelity:
-    if a.size == 0:
-        return OutputFidelity(name, 0.0, 0.0, 1.0)
     finite = np.isfinite(a)
     if not finite.all() or not np.isfinite(b).all():
         # Where the original is not finite (a -inf log-probability), the same value counts as
@@ -126,8 +124,8 @@ def _fidelity(name: str, a: np.ndarray, b: np.ndarray) -> OutputFidelity:
         if not (same[~finite].all() and np.isfinite(b[finite]).all()):
             return OutputFidelity(name, math.inf, math.inf, math.nan)
         a, b = a[finite], b[finite]
-        if a.size == 0:
-            return OutputFidelity(name, 0.0, 0.0, 1.0)
+    if a.size == 0:
+        return OutputFidelity(name, 0.0, 0.0, 1.0)
     diff = a - b
     norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
     rel = float(np.linalg.norm(diff) / norm_a) if norm_a > 0 else float(np.linalg.norm(diff) > 0)
